@@ -1,0 +1,1 @@
+"""bigjax: parameter sharing and attention as pure functional Flax modules."""

@@ -1,0 +1,125 @@
+"""The base config: every key that library code reads is declared here.
+
+Experiment configs (`configs/NAME.py`) start from `base.get_config()` and set
+values; they never add keys, so a typo in a config or on the command line is
+an error rather than a silently ignored setting. `config.model` is the one
+exception: its keys are the constructor arguments of the model named by
+`config.model.name`, and `bigjax.config_validation` checks them against that
+class.
+
+This file is Python and runs when loaded, like every config file.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg  # The base has no variants.
+  c = ml_collections.ConfigDict()
+
+  # Seed for parameter init, dropout and the data order. Runs with equal
+  # configs (seed included) are bitwise reproducible on one topology.
+  c.seed = 0
+
+  # ---- Data -------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  # TFDS name. 'fashion_mnist_local' is our builder over the idx files of the
+  # Debian package dataset-fashion-mnist; any TFDS image dataset works online
+  # ('mnist', 'cifar10', ...; their Image features need tensorflow installed).
+  c.data.name = 'fashion_mnist_local'
+  # TFDS data_dir; unset (None) means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # A typed placeholder, so `--config.data.tfds_data_dir=DIR` can set it.
+  c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  # Feature keys of the TFDS records.
+  c.data.image_key = 'image'
+  c.data.label_key = 'label'
+  # Per-channel mean and std of pixel values scaled to [0, 1]; images are
+  # standardised with them. One value broadcasts over channels.
+  c.data.mean = (0.2860,)
+  c.data.std = (0.3530,)
+  # Augmentation, applied in the input pipeline to training batches only.
+  c.data.augment = ml_collections.ConfigDict()
+  # Pad each side by this many pixels (zeros, before standardisation) and
+  # crop back to the original size at a random offset; 0 turns it off.
+  c.data.augment.crop_padding = 0
+  # Mirror left-right with probability 1/2.
+  c.data.augment.horizontal_flip = False
+  # Threads that read and augment training batches ahead of the step.
+  c.data.prefetch_threads = 2
+  # Batches prepared ahead of the step.
+  c.data.prefetch_batches = 4
+
+  # ---- Model ------------------------------------------------------------
+  # `name` picks the class from bigjax.models.MODELS; the other keys are its
+  # constructor arguments (checked against the class).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'
+
+  # ---- Loss and regularisation -------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  # 'cross_entropy' (softmax) or 'mse' (squared error between the logits and
+  # one-hot targets, as in Hui & Belkin 2021).
+  c.loss.name = 'cross_entropy'
+  # Label smoothing for cross-entropy, in [0, 1).
+  c.loss.label_smoothing = 0.0
+  # Penalties added to the loss: l1 * sum|w| and l2 / 2 * sum w^2 over the
+  # weight matrices and kernels (biases and norm scales are not penalised).
+  c.loss.l1 = 0.0
+  c.loss.l2 = 0.0
+
+  # ---- Optimiser ----------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict()
+  # 'sgd' (with momentum), 'adam' or 'adamw'.
+  c.optimizer.name = 'adam'
+  # Peak learning rate (after warmup).
+  c.optimizer.learning_rate = 1e-3
+  # 'constant' or 'warmup_cosine' (linear warmup, then cosine to
+  # learning_rate * final_lr_fraction at the last step).
+  c.optimizer.schedule = 'warmup_cosine'
+  c.optimizer.warmup_steps = 0
+  c.optimizer.final_lr_fraction = 0.0
+  # SGD momentum (0 is plain SGD) and Nesterov.
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  # Adam/AdamW moments.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  # Decoupled weight decay, AdamW only (use loss.l2 for coupled L2).
+  c.optimizer.weight_decay = 1e-4
+  # Clip gradients to this global norm; 0 turns clipping off.
+  c.optimizer.grad_clip_norm = 0.0
+
+  # ---- Training loop ------------------------------------------------------
+  # Global batch size, summed over all devices and hosts; must divide by the
+  # number of devices.
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  # Length of training: num_train_steps if > 0, else num_epochs over the
+  # training split.
+  c.num_train_steps = -1
+  c.num_epochs = 10.0
+  # Evaluate on the eval split every this many steps, and at the end.
+  c.eval_every_steps = 1000
+  # Write training metrics (averaged since the last write) every this many
+  # steps.
+  c.log_every_steps = 100
+
+  # ---- Checkpoints --------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  # Save every this many steps (and after every evaluation and at the end).
+  c.checkpoint.save_every_steps = 1000
+  # Keep the newest keep_latest checkpoints plus the keep_best best ones by
+  # eval accuracy; both sets are always preserved.
+  c.checkpoint.keep_latest = 2
+  c.checkpoint.keep_best = 1
+
+  # ---- Outputs ------------------------------------------------------------
+  # Write PNGs (curves, predictions, confusion matrix) at each evaluation.
+  c.write_plots = True
+  # Console progress bar (a plain log line per write when not a terminal).
+  c.progress_bar = True
+
+  return c
