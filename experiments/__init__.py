@@ -1,0 +1,1 @@
+"""Entry points: absl flags only; the work is done in bigjax."""
