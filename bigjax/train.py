@@ -1,0 +1,309 @@
+"""Training and evaluation of classifiers: the loop, and the pure steps it jits.
+
+The path from the command line: `experiments/train.py` parses flags and calls
+`train_and_evaluate(config, workdir)`, which validates the config, builds the
+data, model and optimiser, creates (or restores) a sharded `TrainState`, and
+runs `train_step` / `eval_step` under `jax.jit`.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from bigjax import checkpointing
+from bigjax import config_validation
+from bigjax import losses
+from bigjax import metric_writers
+from bigjax import metrics as metrics_lib
+from bigjax import optimizers
+from bigjax import sharding
+from bigjax.data import input_pipeline
+from bigjax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly where it stopped.
+
+  Attributes:
+    step: int32 [], the number of updates applied so far.
+    params: the model's trainable parameters.
+    model_state: the model's other variable collections (e.g. BatchNorm
+      statistics, {'batch_stats': ...}); {} for models without any.
+    opt_state: the optimiser's state.
+    rng: uint32 [2], the run's base key; each step folds in its step number,
+      so randomness depends only on (seed, step) and survives a resume.
+  """
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_train_state(rng, *, model: nn.Module, tx, image_shape) -> TrainState:
+  """A fresh TrainState; pure, so it runs under jit with sharded outputs."""
+  init_rng, run_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init(init_rng, dummy, train=False)
+  params = variables.pop('params')
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    model_state=dict(variables), opt_state=tx.init(params),
+                    rng=run_rng)
+
+
+def _apply(model, params, model_state, images, *, train, rng=None):
+  """Logits [batch, classes] and the updated model state."""
+  rngs = {'dropout': rng} if rng is not None else None
+  return model.apply({'params': params, **model_state}, images, train=train,
+                     rngs=rngs, mutable=list(model_state))
+
+
+def train_step(state: TrainState, batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, loss_fn: Callable,
+               l1: float, l2: float, schedule: optax.Schedule):
+  """One update on a global batch.
+
+  Args:
+    state: the current TrainState (donated by the caller's jit).
+    batch: {'image': float32 [batch, H, W, C], 'label': int32 [batch]}.
+    model, tx, loss_fn, l1, l2, schedule: bound with functools.partial.
+
+  Returns:
+    The new state and a flat dict of scalar metrics for this step.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def objective(params):
+    logits, model_state = _apply(model, params, state.model_state,
+                                 batch['image'], train=True, rng=rng)
+    data_loss = jnp.mean(loss_fn(logits, batch['label']))
+    penalty = losses.weight_penalty(params, l1=l1, l2=l2)
+    return data_loss + penalty, (data_loss, penalty, logits, model_state)
+
+  grads, (data_loss, penalty, logits, model_state) = jax.grad(
+      objective, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'train/loss': data_loss,
+      'train/penalty': penalty,
+      'train/accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'train/grad_norm': optax.tree.norm(grads),
+      'train/learning_rate': schedule(state.step),
+  }
+  new_state = state.replace(step=state.step + 1, params=params,
+                            model_state=model_state, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model: nn.Module,
+              loss_fn: Callable, num_classes: int):
+  """Sums over one eval batch, to be added up over the eval split.
+
+  Args:
+    batch: {'image': [batch, H, W, C], 'label': int32 [batch],
+      'mask': float32 [batch], 0 for padding}.
+
+  Returns:
+    {'loss_sum': [], 'count': [], 'confusion': int32 [classes, classes],
+    'predictions': int32 [batch]}.
+  """
+  logits, _ = _apply(model, state.params, state.model_state, batch['image'],
+                     train=False)
+  predictions = jnp.argmax(logits, -1)
+  mask = batch['mask']
+  return {
+      'loss_sum': jnp.sum(loss_fn(logits, batch['label']) * mask),
+      'count': jnp.sum(mask),
+      'confusion': metrics_lib.confusion_matrix(
+          batch['label'], predictions, num_classes, mask=mask),
+      'predictions': predictions,
+  }
+
+
+def evaluate(state, *, eval_fn, data_config, eval_batch_size, batch_sharding,
+             class_names):
+  """Runs `eval_fn` over the whole eval split.
+
+  Returns:
+    A flat dict of 'eval/...' scalars, the confusion matrix (NumPy), and the
+    first batch with its predictions (for the picture of predictions).
+  """
+  totals, first = None, None
+  for local in input_pipeline.eval_batches(
+      data_config, global_batch_size=eval_batch_size):
+    out = eval_fn(state, sharding.global_batch(local, batch_sharding))
+    sums = {k: v for k, v in out.items() if k != 'predictions'}
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if first is None:
+      first = dict(local, predictions=out['predictions'])
+  totals = jax.device_get(totals)
+  report = metrics_lib.classification_report(totals['confusion'], class_names)
+  report['loss'] = float(totals['loss_sum'] / totals['count'])
+  scalars = {f'eval/{k}': v for k, v in report.items()}
+  first['predictions'] = np.asarray(
+      jax.device_get(first['predictions']))[:len(first['label'])]
+  return scalars, totals['confusion'], first
+
+
+def total_train_steps(config, num_train_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def _write_config(config, workdir):
+  """Saves the resolved config as JSON; a resumed run keeps the first copy."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def _write_plots(workdir, *, step, confusion, first_batch, class_names):
+  from bigjax import plots  # matplotlib is only needed when plotting.
+  pictures = os.path.join(workdir, 'pictures')
+  plots.plot_curves(metric_writers.read_history(workdir, up_to_step=step),
+                    os.path.join(pictures, 'curves.png'),
+                    title=f'step {step}')
+  plots.plot_confusion_matrix(confusion,
+                              os.path.join(pictures, 'confusion_matrix.png'),
+                              class_names=class_names)
+  plots.plot_predictions(first_batch['image'], first_batch['label'],
+                         first_batch['predictions'],
+                         os.path.join(pictures, 'predictions.png'),
+                         class_names=class_names)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Everything is checked before anything is computed or written: a bad config
+  or missing data raises UserError and leaves the workdir untouched.
+
+  Returns:
+    The metrics of the final evaluation (flat 'eval/...' dict).
+  """
+  config_validation.validate(config)
+  info = input_pipeline.dataset_info(config.data)
+  model_cls, model_kwargs = config_validation.model_class_and_kwargs(
+      config.model)
+  if model_kwargs.get('num_classes', info.num_classes) != info.num_classes:
+    raise UserError(
+        f'config.model.num_classes={model_kwargs["num_classes"]} but dataset '
+        f"'{config.data.name}' has {info.num_classes} classes; set "
+        f'--config.model.num_classes={info.num_classes}')
+  model = model_cls(**model_kwargs)
+
+  num_steps = total_train_steps(config, info.num_train_examples)
+  schedule = optimizers.make_schedule(config.optimizer, num_steps)
+  tx = optimizers.make_optimizer(config.optimizer, schedule)
+  loss_fn = losses.make_loss(config.loss)
+
+  # Shapes first, then shardings, then a jitted init that creates the state
+  # already placed on its devices.
+  mesh = sharding.make_mesh()
+  batch_sharding = sharding.batch_sharding(mesh)
+  init_fn = functools.partial(create_train_state, model=model, tx=tx,
+                              image_shape=info.image_shape)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                abstract_state)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_sharding)
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(workdir, config.checkpoint)
+  state = checkpointing.restore_latest(manager, abstract_state)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    logging.info('Starting fresh in %s', workdir)
+  else:
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    _write_config(config, workdir)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  logging.info('Model %s: %d parameters; %d steps of batch %d on %d devices',
+               config.model.name, num_params, num_steps, config.batch_size,
+               jax.device_count())
+
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                        l1=config.loss.l1, l2=config.loss.l2, schedule=schedule),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=0)
+  eval_fn = jax.jit(
+      functools.partial(eval_step, model=model, loss_fn=loss_fn,
+                        num_classes=info.num_classes),
+      in_shardings=(state_sharding, batch_sharding))
+  run_eval = functools.partial(
+      evaluate, eval_fn=eval_fn, data_config=config.data,
+      eval_batch_size=config.eval_batch_size, batch_sharding=batch_sharding,
+      class_names=info.class_names)
+
+  writer = metric_writers.MetricWriter(workdir)
+  progress = metric_writers.ProgressBar(num_steps, start_step,
+                                        enabled=config.progress_bar)
+  batches = input_pipeline.train_batches(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step)
+  # A finished run has nothing to train; it reports its final evaluation.
+  eval_metrics = run_eval(state)[0] if start_step >= num_steps else {}
+  pending = []  # Device-side metrics since the last write; fetched together.
+  last_time = time.perf_counter()
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, step_metrics = train_fn(
+          state, sharding.global_batch(next(batches), batch_sharding))
+      pending.append(step_metrics)
+
+      if step % config.log_every_steps == 0 or step == num_steps:
+        now = time.perf_counter()
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        summary['train/examples_per_sec'] = (
+            len(pending) * config.batch_size / (now - last_time))
+        writer.write(step, summary)
+        progress.update(step, loss=summary['train/loss'],
+                        examples_per_sec=summary['train/examples_per_sec'])
+        pending, last_time = [], now
+
+      is_eval = step % config.eval_every_steps == 0 or step == num_steps
+      if is_eval:
+        eval_metrics, confusion, first_batch = run_eval(state)
+        writer.write(step, eval_metrics)
+        logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
+                     eval_metrics['eval/accuracy'], eval_metrics['eval/loss'])
+        if config.write_plots and jax.process_index() == 0:
+          _write_plots(workdir, step=step, confusion=confusion,
+                       first_batch=first_batch, class_names=info.class_names)
+      if is_eval or step % config.checkpoint.save_every_steps == 0:
+        checkpointing.save(manager, state, metrics=eval_metrics if is_eval else None)
+        # The evaluation's time is not training throughput.
+        last_time = time.perf_counter()
+  finally:
+    # Also on an exception: a save in flight completes (or fails loudly)
+    # rather than being abandoned half-written.
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    progress.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+  return eval_metrics
