@@ -6,6 +6,7 @@ data, model and optimiser, creates (or restores) a sharded `TrainState`, and
 runs `train_step` / `eval_step` under `jax.jit`.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from bigjax import optimizers
 from bigjax import sharding
 from bigjax.data import input_pipeline
 from bigjax.errors import UserError
+from bigjax.models import param_counts
 
 
 @flax.struct.dataclass
@@ -56,9 +58,14 @@ def create_train_state(rng, *, model: nn.Module, tx, image_shape) -> TrainState:
   init_rng, run_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(init_rng, dummy, train=False)
-  params = variables.pop('params')
+  params = variables['params']
+  # Only collections that a step reads and updates (e.g. BatchNorm's
+  # 'batch_stats') are state; parameter-use markers and captured
+  # intermediates are not.
+  model_state = {k: v for k, v in variables.items()
+                 if k not in ('params', 'intermediates', param_counts.PARAM_USES)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=dict(variables), opt_state=tx.init(params),
+                    model_state=model_state, opt_state=tx.init(params),
                     rng=run_rng)
 
 
@@ -186,14 +193,21 @@ def _write_plots(workdir, *, step, confusion, first_batch, class_names):
                          class_names=class_names)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What a config resolves to, before any array exists."""
+  info: input_pipeline.DatasetInfo
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  loss_fn: Callable
+  num_steps: int
 
-  Everything is checked before anything is computed or written: a bad config
-  or missing data raises UserError and leaves the workdir untouched.
 
-  Returns:
-    The metrics of the final evaluation (flat 'eval/...' dict).
+def build_experiment(config) -> Experiment:
+  """Validates `config` and builds the objects it names (no compute).
+
+  Raises UserError for a bad config or missing data.
   """
   config_validation.validate(config)
   info = input_pipeline.dataset_info(config.data)
@@ -204,66 +218,126 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f'config.model.num_classes={model_kwargs["num_classes"]} but dataset '
         f"'{config.data.name}' has {info.num_classes} classes; set "
         f'--config.model.num_classes={info.num_classes}')
-  model = model_cls(**model_kwargs)
-
   num_steps = total_train_steps(config, info.num_train_examples)
   schedule = optimizers.make_schedule(config.optimizer, num_steps)
-  tx = optimizers.make_optimizer(config.optimizer, schedule)
-  loss_fn = losses.make_loss(config.loss)
+  return Experiment(
+      info=info, model=model_cls(**model_kwargs),
+      tx=optimizers.make_optimizer(config.optimizer, schedule),
+      schedule=schedule, loss_fn=losses.make_loss(config.loss),
+      num_steps=num_steps)
 
-  # Shapes first, then shardings, then a jitted init that creates the state
-  # already placed on its devices.
-  mesh = sharding.make_mesh()
-  batch_sharding = sharding.batch_sharding(mesh)
-  init_fn = functools.partial(create_train_state, model=model, tx=tx,
-                              image_shape=info.image_shape)
-  rng = jax.random.PRNGKey(config.seed)
+
+def parameter_counts(exp: Experiment) -> dict[str, int]:
+  """Unique and effective parameter counts, from shapes alone (no init)."""
+  dummy = jnp.zeros((1, *exp.info.image_shape), jnp.float32)
+  variables = jax.eval_shape(
+      lambda r: exp.model.init(r, dummy, train=False), jax.random.PRNGKey(0))
+  return param_counts.count_parameters(variables)
+
+
+def _log_parameters(exp: Experiment) -> None:
+  counts = parameter_counts(exp)
+  per_module = ', '.join(
+      f'{k.split("/", 1)[1]} {v:,}' for k, v in counts.items()
+      if k.startswith('unique/'))
+  logging.info('Parameters: %s unique, %s effective (%s)',
+               f'{counts["unique"]:,}', f'{counts["effective"]:,}', per_module)
+
+
+def init_or_restore(exp: Experiment, seed: int, manager, mesh):
+  """The train state, restored from `manager`'s newest checkpoint or fresh.
+
+  Shapes first (`jax.eval_shape`), then shardings, then a jitted init whose
+  outputs are born on their devices; a restore lands on the same shardings.
+
+  Returns:
+    (state, state_sharding): the TrainState and its pytree of shardings.
+  """
+  init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
+                              image_shape=exp.info.image_shape)
+  rng = jax.random.PRNGKey(seed)
   abstract_state = jax.eval_shape(init_fn, rng)
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
                                 abstract_state)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
-
-  os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(workdir, config.checkpoint)
+  _log_parameters(exp)
   state = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
+    logging.info('Starting fresh')
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
-    logging.info('Starting fresh in %s', workdir)
   else:
-    logging.info('Resumed from step %d in %s', int(state.step), workdir)
-  start_step = int(jax.device_get(state.step))
+    logging.info('Resumed from step %d', int(jax.device_get(state.step)))
+  return state, state_sharding
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Everything is checked before anything is computed or written: a bad config
+  or missing data raises UserError and leaves the workdir untouched.
+
+  Returns:
+    The metrics of the final evaluation (flat 'eval/...' dict).
+  """
+  exp = build_experiment(config)
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(workdir, config.checkpoint)
+  mesh = sharding.make_mesh()
+  state, state_sharding = init_or_restore(exp, config.seed, manager, mesh)
   if jax.process_index() == 0:
     _write_config(config, workdir)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-  logging.info('Model %s: %d parameters; %d steps of batch %d on %d devices',
-               config.model.name, num_params, num_steps, config.batch_size,
-               jax.device_count())
+  logging.info('%s: %d steps of batch %d on %d devices in %s',
+               config.model.name, exp.num_steps, config.batch_size,
+               jax.device_count(), workdir)
 
+  batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                        l1=config.loss.l1, l2=config.loss.l2, schedule=schedule),
+      functools.partial(train_step, model=exp.model, tx=exp.tx,
+                        loss_fn=exp.loss_fn, l1=config.loss.l1,
+                        l2=config.loss.l2, schedule=exp.schedule),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(
-      functools.partial(eval_step, model=model, loss_fn=loss_fn,
-                        num_classes=info.num_classes),
+      functools.partial(eval_step, model=exp.model, loss_fn=exp.loss_fn,
+                        num_classes=exp.info.num_classes),
       in_shardings=(state_sharding, batch_sharding))
   run_eval = functools.partial(
       evaluate, eval_fn=eval_fn, data_config=config.data,
       eval_batch_size=config.eval_batch_size, batch_sharding=batch_sharding,
-      class_names=info.class_names)
+      class_names=exp.info.class_names)
+  try:
+    eval_metrics = _train_loop(
+        config, workdir, exp=exp, state=state, train_fn=train_fn,
+        run_eval=run_eval, manager=manager, batch_sharding=batch_sharding)
+  finally:
+    # Also on an exception: a save in flight completes (or fails loudly)
+    # rather than being abandoned half-written.
+    manager.wait_until_finished()
+    manager.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+  return eval_metrics
 
+
+def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
+                batch_sharding) -> dict:
+  """Steps from `state.step` to the end; returns the last eval metrics."""
+  num_steps = exp.num_steps
+  start_step = int(jax.device_get(state.step))
+  if start_step >= num_steps:
+    # A finished run has nothing to train; it reports its final evaluation.
+    return run_eval(state)[0]
   writer = metric_writers.MetricWriter(workdir)
   progress = metric_writers.ProgressBar(num_steps, start_step,
                                         enabled=config.progress_bar)
   batches = input_pipeline.train_batches(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step)
-  # A finished run has nothing to train; it reports its final evaluation.
-  eval_metrics = run_eval(state)[0] if start_step >= num_steps else {}
+  eval_metrics = {}
   pending = []  # Device-side metrics since the last write; fetched together.
   last_time = time.perf_counter()
   try:
@@ -291,19 +365,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      eval_metrics['eval/accuracy'], eval_metrics['eval/loss'])
         if config.write_plots and jax.process_index() == 0:
           _write_plots(workdir, step=step, confusion=confusion,
-                       first_batch=first_batch, class_names=info.class_names)
+                       first_batch=first_batch,
+                       class_names=exp.info.class_names)
       if is_eval or step % config.checkpoint.save_every_steps == 0:
-        checkpointing.save(manager, state, metrics=eval_metrics if is_eval else None)
-        # The evaluation's time is not training throughput.
+        checkpointing.save(manager, state,
+                           metrics=eval_metrics if is_eval else None)
+        # Evaluation and saving are not training throughput.
         last_time = time.perf_counter()
   finally:
-    # Also on an exception: a save in flight completes (or fails loudly)
-    # rather than being abandoned half-written.
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
     progress.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump(eval_metrics, f, indent=2, sort_keys=True)
   return eval_metrics

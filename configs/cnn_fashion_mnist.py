@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 200
 
   c.batch_size = 128
-  c.num_epochs = 15.0
+  c.num_epochs = 12.0
   c.eval_every_steps = 1000
   c.log_every_steps = 100
   c.checkpoint.save_every_steps = 1000

@@ -1,0 +1,104 @@
+r"""Trains configs from scratch and reports test accuracy against wall time.
+
+  python -m benchmarks.accuracy --config=configs/cnn_fashion_mnist.py \
+      [--config=configs/lstm_fashion_mnist.py ...] [--root=/tmp/bench] \
+      [--json=results.json]
+
+Each config trains in a fresh workdir under --root (deleted first if it holds
+an earlier benchmark run of the same config). Prints one JSON record per
+config and a Markdown table: parameters, test accuracy, training wall time
+(from the first step to the end, compilation included) and throughput.
+"""
+
+from bigjax import platform
+
+platform.set_cpu_xla_flags()
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+
+from bigjax import metric_writers  # noqa: E402
+from bigjax import train  # noqa: E402
+
+_CONFIGS = flags.DEFINE_multi_string(
+    'config', [], 'Config files (with optional :variant) to benchmark.')
+_ROOT = flags.DEFINE_string('root', '/tmp/bigjax_benchmarks',
+                            'Parent folder of the benchmark workdirs.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the records here.')
+MARKER = '.benchmark_workdir'
+
+
+def _fresh_workdir(path):
+  """An empty workdir; only ever deletes one this benchmark created."""
+  if os.path.exists(path):
+    if not os.path.exists(os.path.join(path, MARKER)):
+      raise SystemExit(f'{path} exists and is not a benchmark workdir; '
+                       'pass another --root')
+    shutil.rmtree(path)
+  os.makedirs(path)
+  open(os.path.join(path, MARKER), 'w').close()
+  return path
+
+
+def _load(path):
+  """Loads a config file the way --config does: FILE[:VARIANT]."""
+  file, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('benchmarked_config', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def benchmark(config_path: str) -> dict:
+  config = _load(config_path)
+  name = os.path.basename(config_path).replace('.py', '').replace(':', '_')
+  workdir = _fresh_workdir(os.path.join(_ROOT.value, name))
+  exp = train.build_experiment(config)
+  counts = train.parameter_counts(exp)
+  start = time.perf_counter()
+  final = train.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - start
+  history = metric_writers.read_history(workdir)
+  speeds = [r['train/examples_per_sec'] for r in history
+            if 'train/examples_per_sec' in r]
+  return {
+      'config': config_path,
+      'parameters_unique': counts['unique'],
+      'parameters_effective': counts['effective'],
+      'test_accuracy': final['eval/accuracy'],
+      'macro_f1': final['eval/macro_f1'],
+      'train_wall_s': round(wall, 1),
+      'steps': exp.num_steps,
+      'batch_size': config.batch_size,
+      'median_examples_per_sec': round(sorted(speeds)[len(speeds) // 2], 1),
+      'devices': f'{jax.device_count()} x {jax.devices()[0].platform}',
+  }
+
+
+def main(argv):
+  del argv
+  records = []
+  for path in _CONFIGS.value:
+    record = benchmark(path)
+    print(json.dumps(record), flush=True)
+    records.append(record)
+  print('\n| config | parameters | test accuracy | training wall time | examples/s |')
+  print('|---|---|---|---|---|')
+  for r in records:
+    print(f"| {r['config']} | {r['parameters_unique']:,} | "
+          f"{100 * r['test_accuracy']:.2f}% | {r['train_wall_s'] / 60:.1f} min | "
+          f"{r['median_examples_per_sec']:,.0f} |")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(records, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
