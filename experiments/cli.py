@@ -16,7 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import bigjax
 from bigjax.errors import UserError
+import experiments
 
 EXIT_USER_ERROR = 2
 
@@ -34,9 +36,14 @@ class _OwnInfoOnly(py_logging.Filter):
   open, which would bury the run's own progress.
   """
 
+  # Our own package folders, exactly: a substring test would also match a
+  # checkout that happens to be named 'bigjax', site-packages included.
+  OWN = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+              for m in (bigjax, experiments))
+
   def filter(self, record):
     return (record.levelno >= py_logging.WARNING
-            or any(p in record.pathname for p in ('/bigjax/', '/experiments/')))
+            or os.path.abspath(record.pathname).startswith(self.OWN))
 
 
 def log_own_info_only() -> None:
