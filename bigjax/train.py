@@ -57,7 +57,9 @@ def create_train_state(rng, *, model: nn.Module, tx, image_shape) -> TrainState:
   """A fresh TrainState; pure, so it runs under jit with sharded outputs."""
   init_rng, run_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = model.init(init_rng, dummy, train=False)
+  # Logical-axis boxes (nn.with_logical_partitioning) carry sharding
+  # metadata for the mesh; the state itself holds plain arrays.
+  variables = nn.unbox(model.init(init_rng, dummy, train=False))
   params = variables['params']
   # Only collections that a step reads and updates (e.g. BatchNorm's
   # 'batch_stats') are state; parameter-use markers and captured
@@ -231,7 +233,8 @@ def parameter_counts(exp: Experiment) -> dict[str, int]:
   """Unique and effective parameter counts, from shapes alone (no init)."""
   dummy = jnp.zeros((1, *exp.info.image_shape), jnp.float32)
   variables = jax.eval_shape(
-      lambda r: exp.model.init(r, dummy, train=False), jax.random.PRNGKey(0))
+      lambda r: nn.unbox(exp.model.init(r, dummy, train=False)),
+      jax.random.PRNGKey(0))
   return param_counts.count_parameters(variables)
 
 

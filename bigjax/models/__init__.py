@@ -6,8 +6,13 @@ are that class's constructor arguments. Every model is called as
 """
 
 from bigjax.models import cnn
+from bigjax.models import recurrent
+from bigjax.models import transformer
 
 # name -> flax.linen.Module class. Add new families here, nowhere else.
 MODELS = {
     'cnn': cnn.CNN,
+    'resnet': cnn.ResNet,
+    'vit': transformer.ViT,
+    'rnn': recurrent.RNNClassifier,
 }

@@ -1,5 +1,6 @@
 """Convolutional classifiers: parameters shared over space."""
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -62,5 +63,85 @@ class CNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.dense_features, name='hidden')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+class ResidualBlock(nn.Module):
+  """Pre-activation residual block (He et al. 2016, "Identity mappings").
+
+  x -> [BN -> ReLU -> conv3x3(stride)] -> [BN -> ReLU -> conv3x3] + shortcut,
+  where the shortcut is a 1x1 conv when the shape changes, else identity.
+  Without BatchNorm the norms are skipped.
+
+  Attributes:
+    features: output channels.
+    strides: spatial stride of the first conv (2 halves height and width).
+    batch_norm: use BatchNorm (statistics in the 'batch_stats' collection).
+  """
+  features: int
+  strides: int = 1
+  batch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """[batch, H, W, C] -> [batch, H / strides, W / strides, features]."""
+    norm = (functools.partial(nn.BatchNorm, use_running_average=not train,
+                              momentum=0.9)
+            if self.batch_norm else None)
+
+    def preact(y, name):
+      return nn.relu(norm(name=name)(y) if norm else y)
+
+    y = preact(x, 'norm0')
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      # Project from the pre-activated input, as in the pre-act ResNet.
+      shortcut = nn.Conv(self.features, (1, 1), strides=self.strides,
+                         use_bias=False, name='shortcut')(y)
+    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding='SAME',
+                use_bias=not norm, name='conv0')(y)
+    y = preact(y, 'norm1')
+    y = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=not norm,
+                name='conv1')(y)
+    return y + shortcut
+
+
+class ResNet(nn.Module):
+  """A small pre-activation ResNet for small images.
+
+  conv3x3(stage_features[0]) stem, then `blocks_per_stage` residual blocks
+  per stage (the first block of every stage after the first halves the
+  resolution), a final norm + ReLU, global average pooling and a dense head.
+  The defaults (3 stages of 2 blocks, 16/32/64 channels) are ResNet-14-like,
+  about 0.17M parameters.
+
+  Attributes:
+    num_classes: size of the output logits.
+    stage_features: channels of each stage.
+    blocks_per_stage: residual blocks per stage.
+    batch_norm: BatchNorm in every block (its running statistics live in the
+      train state's model_state['batch_stats']).
+    dropout_rate: dropout before the head.
+  """
+  num_classes: int = 10
+  stage_features: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 2
+  batch_norm: bool = True
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """[batch, H, W, C] images -> [batch, num_classes] logits."""
+    x = nn.Conv(self.stage_features[0], (3, 3), padding='SAME', name='stem')(x)
+    for stage, features in enumerate(self.stage_features):
+      for block in range(self.blocks_per_stage):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = ResidualBlock(features, strides, self.batch_norm,
+                          name=f'stage{stage}_block{block}')(x, train=train)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       name='final_norm')(x)
+    x = nn.relu(x).mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)

@@ -1,0 +1,371 @@
+"""Scaled dot-product attention: masks, three kernels, and a multi-head layer.
+
+Shapes follow `jax.nn.dot_product_attention`: queries [batch, q_len, heads,
+head_dim], keys and values [batch, kv_len, kv_heads, head_dim]. Grouped-query
+attention (GQA) and multi-query attention (MQA, kv_heads == 1) need heads to
+be a multiple of kv_heads; query head n reads key/value head n // (heads //
+kv_heads), as in `jax.nn.dot_product_attention`.
+
+Masks are boolean, True where a query may attend a key, and broadcast to
+[batch, heads, q_len, kv_len]. Two ways to say which keys are visible:
+  * `mask`: any dense pattern (e.g. `causal_mask(...) & padding_mask(...)`);
+  * `is_causal`, `q_valid`, `kv_valid`: the structured equivalents of
+    `causal_mask` and `padding_mask`. The 'chunked' kernel builds them one
+    key chunk at a time, so its memory stays linear in the sequence lengths;
+    the other kernels turn them into a dense mask.
+All of them may be given at once; a key is visible when every one allows it.
+
+A query row that may see no key at all (a padded query, or a query before
+every visible key) outputs zeros and, for the 'einsum' kernel, all-zero
+weights, in every kernel: never NaN, and never an average of keys it was told
+not to read.
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bigjax.models import positional
+
+KERNELS = ('einsum', 'xla', 'cudnn', 'chunked')
+
+# Logit given to masked pairs. Finite, unlike -inf, so that a fully masked row
+# has a well-defined (uniform) softmax and max-subtraction never gives NaN;
+# such rows are then zeroed explicitly.
+_MASKED = -1e30
+
+
+def causal_mask(q_len: int, kv_len: int):
+  """bool [1, 1, q_len, kv_len]: query i sees keys j <= i + kv_len - q_len.
+
+  The last query is aligned with the last key, so a query block that
+  continues a longer key sequence (kv_len > q_len, as in cached decoding)
+  sees the whole prefix. For q_len == kv_len this is the usual lower
+  triangle.
+  """
+  offset = kv_len - q_len
+  q = jnp.arange(q_len)[:, None]
+  k = jnp.arange(kv_len)[None, :]
+  return (k <= q + offset)[None, None]
+
+
+def padding_mask(q_valid=None, kv_valid=None):
+  """bool [batch, 1, q_len|1, kv_len|1] from validity vectors.
+
+  Args:
+    q_valid: bool [batch, q_len], False at padded queries, or None.
+    kv_valid: bool [batch, kv_len], False at padded keys, or None.
+  """
+  if q_valid is None and kv_valid is None:
+    raise ValueError('padding_mask needs q_valid or kv_valid')
+  mask = True
+  if q_valid is not None:
+    mask = mask & q_valid[:, None, :, None]
+  if kv_valid is not None:
+    mask = mask & kv_valid[:, None, None, :]
+  return mask
+
+
+def combine_masks(*masks):
+  """The AND of the masks that are not None (None if all are None)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  return functools.reduce(jnp.logical_and, masks)
+
+
+def _dense_mask(mask, is_causal, q_valid, kv_valid, q_len, kv_len):
+  """All mask forms as one dense mask broadcastable to [b, h, q, k], or None."""
+  return combine_masks(
+      None if mask is None else jnp.asarray(mask, bool),
+      causal_mask(q_len, kv_len) if is_causal else None,
+      padding_mask(q_valid, kv_valid)
+      if q_valid is not None or kv_valid is not None else None)
+
+
+def _as_4d(mask):
+  """Left-pads a mask's shape with ones up to [b, h, q, k]."""
+  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def _group_queries(q, num_kv_heads):
+  """[b, q, heads, d] -> [b, q, kv_heads, heads // kv_heads, d]."""
+  b, t, n, d = q.shape
+  if n % num_kv_heads:
+    raise ValueError(f'{n} query heads are not a multiple of {num_kv_heads} '
+                     'key/value heads')
+  return q.reshape(b, t, num_kv_heads, n // num_kv_heads, d)
+
+
+def _einsum_attention(q, k, v, mask, *, dropout_rate, dropout_rng):
+  """The plain softmax(QK^T / sqrt(d))V, with the [b, h, q, k] weights."""
+  b, t, n, d = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  qg = _group_queries(q, kv_heads) * (d ** -0.5)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k).reshape(b, n, t, s)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    # Rows with no visible key came out uniform; they must be zero.
+    weights = jnp.where(mask, weights, 0.0)
+  applied = weights
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    applied = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('bkgts,bskd->btkgd',
+                   applied.reshape(b, kv_heads, n // kv_heads, t, s), v)
+  return out.reshape(b, t, n, d), weights
+
+
+def _zero_empty_rows(out, mask):
+  """Zeros the outputs [b, q, h, d] of query rows that see no key."""
+  b, t, n, _ = out.shape
+  any_visible = jnp.broadcast_to(_as_4d(mask).any(-1), (b, n, t))
+  return jnp.where(any_visible.transpose(0, 2, 1)[..., None], out, 0.0)
+
+
+def _xla_attention(q, k, v, mask, *, implementation):
+  """`jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU)."""
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  if mask is not None:
+    mask = jnp.broadcast_to(_as_4d(mask), (b, n, t, s))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                     implementation=implementation)
+  # jax gives fully masked rows a uniform average; we promise zeros.
+  return out if mask is None else _zero_empty_rows(out, mask)
+
+
+def _chunked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
+                       chunk_size):
+  """Online-softmax attention over key/value chunks (flash-attention style).
+
+  Keys and values are visited `chunk_size` at a time under `lax.scan`,
+  carrying the running row maximum m, the running softmax denominator l and
+  the unnormalised output; each chunk rescales them by exp(m_old - m_new).
+  Causal and padding masks are built per chunk from positions and validity
+  vectors, so the forward pass holds O(q_len * chunk_size) logits rather than
+  O(q_len * kv_len). The chunk body is rematerialised in the backward pass,
+  which then stores only the carries: O(q_len * head_dim * kv_len /
+  chunk_size). A dense `mask` still works but is itself O(q_len * kv_len).
+  """
+  b, t, n, d = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  g = n // kv_heads
+  qg = _group_queries(q, kv_heads) * (d ** -0.5)
+  num_chunks = -(-s // chunk_size)
+  pad = num_chunks * chunk_size - s
+  if kv_valid is None:
+    kv_valid = jnp.ones((b, s), bool)
+  # Padding keys up to whole chunks: they are marked invalid.
+  kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
+
+  def chunked(x, axis):
+    """Splits `axis` (length s + pad) into [num_chunks, ..., chunk, ...]."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape((num_chunks, chunk_size) + x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+  pad_kv = ((0, 0), (0, pad), (0, 0), (0, 0))
+  xs = {'k': chunked(jnp.pad(k, pad_kv), 1),
+        'v': chunked(jnp.pad(v, pad_kv), 1),
+        'valid': chunked(kv_valid, 1),
+        'start': jnp.arange(num_chunks) * chunk_size}
+  if mask is not None:
+    mask = _as_4d(jnp.asarray(mask, bool))
+    if mask.shape[-1] != 1:
+      mask = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad),))
+      xs['mask'] = chunked(mask, 3)
+  q_pos = jnp.arange(t)[:, None] + (s - t)  # Aligned as in causal_mask.
+
+  @jax.checkpoint
+  def step(carry, chunk):
+    m, l, acc = carry  # [b, K, g, t], [b, K, g, t], [b, K, g, t, d]
+    logits = jnp.einsum('btkgd,bckd->bkgtc', qg, chunk['k'])
+    visible = chunk['valid'][:, None, None, None, :]
+    if is_causal:
+      k_pos = chunk['start'] + jnp.arange(chunk_size)
+      visible = visible & (k_pos[None, :] <= q_pos)
+    if mask is not None:
+      m4 = chunk['mask'] if 'mask' in chunk else mask
+      mb, mh = m4.shape[:2]
+      # [b|1, heads|1, ...] -> [b|1, K|1, g|1, ...] to match the logits.
+      m5 = m4.reshape((mb, kv_heads, g) + m4.shape[2:]) if mh == n else (
+          m4[:, :, None])
+      visible = visible & m5
+    logits = jnp.where(visible, logits, _MASKED)
+    m_new = jnp.maximum(m, logits.max(-1))
+    # Masked entries are zeroed explicitly: in a row with nothing visible yet
+    # m_new is _MASKED itself and exp(0) would count them.
+    p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)
+    rescale = jnp.exp(m - m_new)
+    l = l * rescale + p.sum(-1)
+    acc = acc * rescale[..., None] + jnp.einsum('bkgtc,bckd->bkgtd', p,
+                                                chunk['v'])
+    return (m_new, l, acc), None
+
+  init = (jnp.full((b, kv_heads, g, t), _MASKED, q.dtype),
+          jnp.zeros((b, kv_heads, g, t), q.dtype),
+          jnp.zeros((b, kv_heads, g, t, d), q.dtype))
+  (_, l, acc), _ = lax.scan(step, init, xs)
+  # Rows that saw no key have l == 0 and acc == 0: they output zeros.
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+  if q_valid is not None:
+    out = jnp.where(q_valid[:, :, None, None], out, 0.0)
+  return out
+
+
+def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
+                          q_valid=None, kv_valid=None, kernel: str = 'einsum',
+                          chunk_size: int = 128, dropout_rate: float = 0.0,
+                          dropout_rng=None, return_weights: bool = False):
+  """softmax(QK^T / sqrt(head_dim)) V, per head, with GQA/MQA.
+
+  Args:
+    q: [batch, q_len, heads, head_dim].
+    k, v: [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0.
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len], True =
+      attend; or None.
+    is_causal: also apply `causal_mask(q_len, kv_len)`.
+    q_valid, kv_valid: bool [batch, q_len] / [batch, kv_len], False at
+      padding; also apply `padding_mask(q_valid, kv_valid)`.
+    kernel: 'einsum' (plain; the only one that returns weights and applies
+      dropout), 'xla' (`jax.nn.dot_product_attention`, implementation chosen
+      by JAX), 'cudnn' (the same, forcing cuDNN's fused kernel; GPU only) or
+      'chunked' (online softmax over key chunks; memory linear in lengths).
+    chunk_size: keys per chunk of the 'chunked' kernel.
+    dropout_rate: dropout on the attention weights ('einsum' only).
+    dropout_rng: PRNG key for that dropout; None means no dropout.
+    return_weights: also return the weights [batch, heads, q_len, kv_len]
+      ('einsum' only).
+
+  Returns:
+    [batch, q_len, heads, head_dim], or (that, weights) if return_weights.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f'unknown attention kernel {kernel!r}; use one of '
+                     f'{KERNELS}')
+  if kernel != 'einsum' and (return_weights or (
+      dropout_rate > 0.0 and dropout_rng is not None)):
+    raise ValueError(f"kernel {kernel!r} neither returns attention weights nor "
+                     "applies dropout to them; use kernel='einsum'")
+  if kernel == 'chunked':
+    return _chunked_attention(q, k, v, mask, is_causal=is_causal,
+                              q_valid=q_valid, kv_valid=kv_valid,
+                              chunk_size=chunk_size)
+  dense = _dense_mask(mask, is_causal, q_valid, kv_valid, q.shape[1],
+                      k.shape[1])
+  if kernel in ('xla', 'cudnn'):
+    return _xla_attention(q, k, v, dense, implementation=(
+        None if kernel == 'xla' else 'cudnn'))
+  out, weights = _einsum_attention(q, k, v, dense, dropout_rate=dropout_rate,
+                                   dropout_rng=dropout_rng)
+  return (out, weights) if return_weights else out
+
+
+def _logical(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (or grouped-/multi-query) attention with its projections.
+
+  Parameters mirror `flax.linen.MultiHeadDotProductAttention` ('query', 'key',
+  'value': kernels [embed, heads, head_dim]; 'out': [heads, head_dim, embed]),
+  so weights move between the two unchanged; 'key' and 'value' have
+  num_kv_heads heads.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (None: num_heads; 1: multi-query).
+    head_dim: features per head (None: input features // num_heads).
+    qkv_bias: biases on the query, key and value projections.
+    dropout_rate: dropout on the attention weights; only the 'einsum' kernel
+      applies it (the others raise when asked to in training).
+    kernel: see `dot_product_attention`.
+    chunk_size: keys per chunk of the 'chunked' kernel.
+    use_rope: rotate queries and keys by their positions (RoPE).
+    out_features: output features (None: those of x_q).
+  """
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  qkv_bias: bool = True
+  dropout_rate: float = 0.0
+  kernel: str = 'einsum'
+  chunk_size: int = 128
+  use_rope: bool = False
+  out_features: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x_q, x_kv=None, *, mask=None, is_causal: bool = False,
+               q_valid=None, kv_valid=None, train: bool, positions=None,
+               kv_positions=None):
+    """Attends from x_q to x_kv (to x_q itself when x_kv is None).
+
+    Args:
+      x_q: [batch, q_len, embed].
+      x_kv: [batch, kv_len, embed_kv], or None for self-attention.
+      mask, is_causal, q_valid, kv_valid: see `dot_product_attention`.
+      train: enables dropout on the weights (needs the 'dropout' rng).
+      positions: int [batch, q_len] or [q_len] for RoPE (default arange).
+      kv_positions: the same for keys (default: `positions` in
+        self-attention, arange(kv_len) in cross-attention).
+
+    Returns:
+      [batch, q_len, out_features]. With the 'einsum' kernel the weights
+      [batch, heads, q_len, kv_len] are sown as
+      ('intermediates', 'attention_weights').
+    """
+    self_attention = x_kv is None
+    x_kv = x_q if self_attention else x_kv
+    features = x_q.shape[-1]
+    head_dim = self.head_dim or features // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+
+    def projection(heads, name, bias):
+      return nn.DenseGeneral(
+          (heads, head_dim), use_bias=bias, name=name,
+          kernel_init=_logical(nn.initializers.lecun_normal(),
+                               ('embed', 'heads', 'kv')),
+          bias_init=_logical(nn.initializers.zeros_init(), ('heads', 'kv')))
+
+    q = projection(self.num_heads, 'query', self.qkv_bias)(x_q)
+    k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
+    v = projection(kv_heads, 'value', self.qkv_bias)(x_kv)
+    if self.use_rope:
+      if positions is None:
+        positions = jnp.arange(x_q.shape[1])
+      if kv_positions is None:
+        kv_positions = positions if self_attention else jnp.arange(
+            x_kv.shape[1])
+      q = positional.apply_rope(q, positions)
+      k = positional.apply_rope(k, kv_positions)
+
+    dropout_rng = None
+    if train and self.dropout_rate > 0.0:
+      # Kernels other than 'einsum' reject this loudly rather than silently
+      # training without the dropout the config asked for.
+      dropout_rng = self.make_rng('dropout')
+    result = dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, q_valid=q_valid,
+        kv_valid=kv_valid, kernel=self.kernel, chunk_size=self.chunk_size,
+        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+        return_weights=self.kernel == 'einsum')
+    if self.kernel == 'einsum':
+      out, weights = result
+      # A no-op unless 'intermediates' is mutable, so training pays nothing.
+      self.sow('intermediates', 'attention_weights', weights)
+    else:
+      out = result
+    return nn.DenseGeneral(
+        self.out_features or features, axis=(-2, -1), name='out',
+        kernel_init=_logical(nn.initializers.lecun_normal(),
+                             ('heads', 'kv', 'embed')),
+        bias_init=_logical(nn.initializers.zeros_init(), ('embed',)))(out)

@@ -1,0 +1,260 @@
+"""Attention against NumPy and Flax, kernels against each other, masks, RoPE."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util
+
+from bigjax.models import attention
+from bigjax.models import positional
+
+B, Q, K, D = 2, 5, 7, 8
+
+# Jitted once per static setting: eager dispatch of the kernels' many small
+# ops would dominate the test time.
+_attention = jax.jit(attention.dot_product_attention, static_argnames=(
+    'is_causal', 'kernel', 'chunk_size', 'return_weights'))
+
+
+def _qkv(heads, kv_heads, q_len=Q, kv_len=K, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(B, q_len, heads, D)).astype(np.float32)
+  k = rng.normal(size=(B, kv_len, kv_heads, D)).astype(np.float32)
+  v = rng.normal(size=(B, kv_len, kv_heads, D)).astype(np.float32)
+  return q, k, v
+
+
+def numpy_attention(q, k, v, mask=None):
+  """softmax(QK^T / sqrt(d)) V per head, key/value heads repeated for GQA."""
+  heads, kv_heads = q.shape[2], k.shape[2]
+  k = np.repeat(k, heads // kv_heads, axis=2)
+  v = np.repeat(v, heads // kv_heads, axis=2)
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask, logits, -np.inf)
+  logits = logits - logits.max(-1, keepdims=True)
+  w = np.exp(logits)
+  w = w / w.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', w, v), w
+
+
+# kv_valid leaves 5 and 7 keys; q_valid pads the last query of example 0.
+KV_VALID = np.array([[1, 1, 1, 1, 1, 0, 0], [1] * 7], bool)
+Q_VALID = np.array([[1, 1, 1, 1, 0], [1] * 5], bool)
+
+
+def test_einsum_matches_numpy_with_gqa_and_masks():
+  q, k, v = _qkv(heads=4, kv_heads=2)
+  mask = np.asarray(attention.causal_mask(Q, K)) & KV_VALID[:, None, None, :]
+  out, w = _attention(q, k, v, mask=mask, return_weights=True)
+  ref_out, ref_w = numpy_attention(q, k, v, mask)
+  np.testing.assert_allclose(out, ref_out, atol=1e-5)
+  np.testing.assert_allclose(w, ref_w, atol=1e-6)
+  # Query 0 sees keys 0..2 (offset kv_len - q_len = 2), so key 3 gets 0.
+  assert np.all(np.asarray(w)[:, :, 0, 3:] == 0)
+  assert np.all(np.asarray(w)[:, :, 0, :3] > 0)
+
+
+def test_masks_have_the_documented_pattern():
+  np.testing.assert_array_equal(
+      attention.causal_mask(2, 4)[0, 0],
+      [[True, True, True, False], [True, True, True, True]])
+  pad = attention.padding_mask(Q_VALID, KV_VALID)
+  assert pad.shape == (B, 1, Q, K)
+  assert int(pad.sum()) == 4 * 5 + 5 * 7
+  combined = attention.combine_masks(None, attention.causal_mask(Q, K), pad)
+  assert int(combined.sum()) == int(
+      (np.asarray(attention.causal_mask(Q, K)) & np.asarray(pad)).sum())
+  assert attention.combine_masks(None, None) is None
+
+
+MASK_CASES = {
+    'none': {},
+    'causal': {'is_causal': True},
+    'padding': {'q_valid': Q_VALID, 'kv_valid': KV_VALID},
+    'causal+padding': {'is_causal': True, 'q_valid': Q_VALID,
+                       'kv_valid': KV_VALID},
+    'dense': {'mask': np.random.default_rng(3).random((B, 4, Q, K)) > 0.3},
+    'dense per batch, structured causal': {
+        'mask': attention.padding_mask(None, KV_VALID), 'is_causal': True},
+}
+
+
+# Each mask case with one head layout; together they cover MHA (4/4), GQA
+# (4/2) and MQA (4/1) with and without masks.
+@pytest.mark.parametrize('case, kv_heads', [
+    ('none', 4), ('causal', 2), ('padding', 1), ('causal+padding', 2),
+    ('causal+padding', 1), ('dense', 2),
+    ('dense per batch, structured causal', 4)])
+def test_xla_and_chunked_kernels_equal_einsum(case, kv_heads):
+  heads = 4
+  q, k, v = _qkv(heads, kv_heads)
+  kwargs = MASK_CASES[case]
+  expected = _attention(q, k, v, **kwargs)
+  # The structured masks equal their dense forms.
+  dense = attention.combine_masks(
+      kwargs.get('mask'),
+      attention.causal_mask(Q, K) if kwargs.get('is_causal') else None,
+      attention.padding_mask(kwargs['q_valid'], kwargs['kv_valid'])
+      if 'q_valid' in kwargs else None)
+  with np.errstate(invalid='ignore'):
+    ref = numpy_attention(q, k, v, None if dense is None
+                          else np.asarray(dense))[0]
+  ref = np.nan_to_num(ref)  # NumPy's fully masked rows are NaN; ours zero.
+  np.testing.assert_allclose(expected, ref, atol=1e-5)
+  # Chunks of 3 split the 7 keys unevenly (the last is padded); 16 is one.
+  chunk_sizes = (3, 16) if case == 'causal+padding' else (3,)
+  for kernel, extra in (('xla', {}),) + tuple(
+      ('chunked', {'chunk_size': c}) for c in chunk_sizes):
+    got = _attention(q, k, v, kernel=kernel, **extra, **kwargs)
+    np.testing.assert_allclose(got, expected, atol=1e-5,
+                               err_msg=f'{kernel} {extra}')
+
+
+@pytest.mark.parametrize('kernel', ['einsum', 'xla', 'chunked'])
+def test_fully_masked_rows_are_zero_and_have_finite_gradients(kernel):
+  q, k, v = _qkv(heads=2, kv_heads=2)
+  kv_valid = KV_VALID.copy()
+  kv_valid[0] = False  # Example 0 sees no key at all.
+
+  @jax.jit
+  def f(q, k, v):
+    return attention.dot_product_attention(
+        q, k, v, kv_valid=kv_valid, kernel=kernel, chunk_size=3)
+
+  out = f(q, k, v)
+  assert np.all(np.asarray(out)[0] == 0)
+  assert np.all(np.abs(np.asarray(out)[1]) > 0)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2),
+                           argnums=(0, 1, 2)))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize('kernel', ['einsum', 'chunked'])
+def test_gradients_match_finite_differences(kernel):
+  q, k, v = (x.astype(np.float64) for x in _qkv(2, 1, q_len=3, kv_len=4))
+  with jax.enable_x64(True):
+    test_util.check_grads(
+        jax.jit(lambda q, k, v: attention.dot_product_attention(
+            q, k, v, is_causal=True, kernel=kernel, chunk_size=3)),
+        (q, k, v), order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_memory_is_linear_in_length():
+  """Doubling both lengths ~doubles the chunked kernel's temporaries and
+  ~quadruples the einsum kernel's."""
+  def temp_bytes(kernel, length):
+    shape = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
+    f = jax.jit(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, is_causal=True, kernel=kernel, chunk_size=64))
+    return f.lower(shape, shape, shape).compile().memory_analysis(
+    ).temp_size_in_bytes
+
+  einsum = temp_bytes('einsum', 1024), temp_bytes('einsum', 2048)
+  chunked = temp_bytes('chunked', 1024), temp_bytes('chunked', 2048)
+  assert einsum[1] > 3.5 * einsum[0]
+  assert chunked[1] < 2.5 * chunked[0]
+  assert chunked[1] < einsum[1] / 8
+
+
+def test_multi_head_attention_equals_flax_given_the_same_weights():
+  rng = np.random.default_rng(1)
+  x_q = rng.normal(size=(B, Q, 16)).astype(np.float32)
+  x_kv = rng.normal(size=(B, K, 16)).astype(np.float32)
+  mask = attention.padding_mask(Q_VALID, KV_VALID)
+  flax_mha = nn.MultiHeadDotProductAttention(num_heads=4)
+  params = flax_mha.init(jax.random.PRNGKey(0), x_q, x_kv)['params']
+  ours = attention.MultiHeadAttention(num_heads=4)
+  # Same names and shapes: Flax's parameters load into ours unchanged.
+  assert jax.tree.map(np.shape, params) == jax.tree.map(
+      np.shape, nn.unbox(jax.eval_shape(functools.partial(
+          ours.init, train=False), jax.random.PRNGKey(1), x_q, x_kv)[
+              'params']))
+  for kv, m in ((x_kv, mask), (None, attention.causal_mask(Q, Q))):
+    expected = jax.jit(flax_mha.apply)({'params': params}, x_q, kv, mask=m)
+    got = jax.jit(functools.partial(ours.apply, train=False))(
+        {'params': params}, x_q, kv, mask=m)
+    # Flax's fully masked row (query 4 of example 0) is a uniform average;
+    # ours is defined as zero output (before the output bias).
+    keep = np.ones((B, Q), bool) if kv is None else Q_VALID
+    np.testing.assert_allclose(np.asarray(got)[keep],
+                               np.asarray(expected)[keep], atol=1e-5)
+
+
+def test_multi_head_attention_sows_weights_and_supports_mqa():
+  x = np.random.default_rng(2).normal(size=(B, Q, 16)).astype(np.float32)
+  mha = attention.MultiHeadAttention(num_heads=4, num_kv_heads=1)
+  shapes = nn.unbox(jax.eval_shape(functools.partial(mha.init, train=False),
+                                   jax.random.PRNGKey(0), x)['params'])
+  assert shapes['key']['kernel'].shape == (16, 1, 4)
+  assert shapes['query']['kernel'].shape == (16, 4, 4)
+  # Random parameters, biases included, rather than a fresh init.
+  rng = np.random.default_rng(5)
+  params = jax.tree.map(
+      lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+      shapes)
+  out, state = jax.jit(functools.partial(
+      mha.apply, is_causal=True, train=False, mutable=['intermediates']))(
+          {'params': params}, x)
+  (w,) = state['intermediates']['attention_weights']
+  assert w.shape == (B, 4, Q, Q)
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+  assert np.all(np.triu(np.asarray(w)[0, 0], 1) == 0)
+  # The same output from NumPy, projecting by hand.
+  def proj(name, heads):
+    p = params[name]
+    return np.einsum('bld,dhk->blhk', x, p['kernel']) + p['bias']
+  ref, _ = numpy_attention(proj('query', 4), proj('key', 1), proj('value', 1),
+                           np.asarray(attention.causal_mask(Q, Q)))
+  ref = np.einsum('blhk,hkd->bld', ref, params['out']['kernel'])
+  np.testing.assert_allclose(out, ref + params['out']['bias'], atol=1e-5)
+
+
+def test_weight_dropout_only_with_einsum():
+  x = np.ones((1, 3, 8), np.float32)
+  mha = attention.MultiHeadAttention(num_heads=2, dropout_rate=0.5,
+                                     kernel='xla')
+  params = jax.eval_shape(functools.partial(mha.init, train=False),
+                          jax.random.PRNGKey(0), x)['params']
+  with pytest.raises(ValueError, match="use kernel='einsum'"):
+    jax.eval_shape(functools.partial(mha.apply, train=True),
+                   {'params': params}, x,
+                   rngs={'dropout': jax.random.PRNGKey(1)})
+
+
+def test_rope_scores_depend_only_on_the_offset():
+  rng = np.random.default_rng(4)
+  q = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+  k = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+
+  def score(m, n):
+    return float(np.sum(positional.apply_rope(q, jnp.array([m]))
+                        * positional.apply_rope(k, jnp.array([n]))))
+
+  for m, n in ((3, 1), (10, 2), (0, 5)):
+    assert score(m, n) == pytest.approx(score(m + 37, n + 37), abs=1e-4)
+  assert abs(score(3, 1) - score(3, 2)) > 1e-3
+  assert score(0, 0) == pytest.approx(float(np.sum(q * k)), abs=1e-5)
+  # A rotation: norms are kept.
+  np.testing.assert_allclose(
+      np.linalg.norm(positional.apply_rope(q, jnp.array([7]))),
+      np.linalg.norm(q), rtol=1e-5)
+
+
+def test_sinusoidal_encodings():
+  e = positional.sinusoidal_encoding(jnp.arange(4), 8)
+  assert e.shape == (4, 8)
+  # Position 0: sin = 0, cos = 1; the fastest frequency is 1 rad/position.
+  np.testing.assert_allclose(e[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
+  np.testing.assert_allclose(e[1, 0], np.sin(1.0), atol=1e-6)
+  grid = positional.sinusoidal_encoding_2d(2, 3, 8)
+  assert grid.shape == (6, 8)
+  # Patch (1, 2): row code of row 1, column code of column 2.
+  np.testing.assert_allclose(
+      grid[5], np.concatenate([positional.sinusoidal_encoding(1, 4),
+                               positional.sinusoidal_encoding(2, 4)]),
+      atol=1e-6)
