@@ -123,3 +123,26 @@ def get_config(arg=None):
   c.progress_bar = True
 
   return c
+
+
+def apply_variant(c, arg, config_name: str):
+  """Applies the variants every experiment config shares, named by `arg`.
+
+  ':smoke' trains 40 steps of batch 32, evaluating and checkpointing at
+  steps 20 and 40: a seconds-long run of the real code path, for tests.
+  Anything else but no variant is an error.
+  """
+  if arg == 'smoke':
+    c.batch_size = 32
+    c.eval_batch_size = 500
+    c.num_epochs = -1.0
+    c.num_train_steps = 40
+    c.eval_every_steps = 20
+    c.log_every_steps = 10
+    c.checkpoint.save_every_steps = 20
+    c.optimizer.warmup_steps = 5
+    c.progress_bar = False
+  elif arg:
+    raise ValueError(
+        f"unknown variant {arg!r} of {config_name}; use ':smoke' or none")
+  return c

@@ -42,16 +42,4 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.checkpoint.save_every_steps = 1000
 
-  if arg == 'smoke':
-    c.batch_size = 32
-    c.eval_batch_size = 500
-    c.num_epochs = -1.0
-    c.num_train_steps = 40
-    c.eval_every_steps = 20
-    c.log_every_steps = 10
-    c.checkpoint.save_every_steps = 20
-    c.optimizer.warmup_steps = 5
-    c.progress_bar = False
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of cnn_fashion_mnist; use ':smoke' or none")
-  return c
+  return base.apply_variant(c, arg, 'cnn_fashion_mnist')

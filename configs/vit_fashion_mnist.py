@@ -45,8 +45,8 @@ def get_config(arg=None):
   c.model.cross_layer_sharing = 'none'
   c.model.attention_kernel = 'einsum'
 
-  # Adam, not AdamW: the model's parameters carry logical-axis boxes, and
-  # the weight-decay mask (losses.is_penalised) does not see through them yet.
+  # Plain Adam: 12 epochs of this small ViT do not overfit (train and test
+  # accuracy stay close); AdamW is --config.optimizer.name=adamw.
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.schedule = 'warmup_cosine'
@@ -60,16 +60,5 @@ def get_config(arg=None):
   c.checkpoint.save_every_steps = 1000
 
   if arg == 'smoke':
-    c.model.num_layers = 2
-    c.batch_size = 32
-    c.eval_batch_size = 500
-    c.num_epochs = -1.0
-    c.num_train_steps = 40
-    c.eval_every_steps = 20
-    c.log_every_steps = 10
-    c.checkpoint.save_every_steps = 20
-    c.optimizer.warmup_steps = 5
-    c.progress_bar = False
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of vit_fashion_mnist; use ':smoke' or none")
-  return c
+    c.model.num_layers = 2  # Compiles faster; the smoke test checks wiring.
+  return base.apply_variant(c, arg, 'vit_fashion_mnist')

@@ -98,3 +98,22 @@ def test_rerun_of_finished_run_changes_nothing(fake_data_dir, tmp_path):
   assert again['eval/accuracy'] == first['eval/accuracy']
   jax.tree.map(np.testing.assert_array_equal, restored_params(workdir, 40),
                before)
+
+
+def test_state_params_are_unboxed_so_penalties_reach_every_kernel():
+  """ViT's params carry logical-axis boxes; the state must hold plain arrays,
+  or L1/L2 and AdamW's decay mask would silently skip the boxed weights."""
+  import optax
+  from bigjax import losses
+  from bigjax.models import transformer
+  model = transformer.ViT(num_classes=10, patch_size=7, d_model=16,
+                          num_layers=2, num_heads=2, mlp_dim=32)
+  state = train.create_train_state(jax.random.PRNGKey(0), model=model,
+                                   tx=optax.adam(1e-3), image_shape=(28, 28, 1))
+  leaves = jax.tree_util.tree_leaves_with_path(state.params)
+  assert all(isinstance(x, jax.Array) for _, x in leaves)
+  penalised = [jax.tree_util.keystr(p) for p, _ in leaves if losses.is_penalised(p)]
+  kernels = [jax.tree_util.keystr(p) for p, _ in leaves
+             if jax.tree_util.keystr(p).endswith(("['kernel']", "['embedding']"))]
+  assert penalised == kernels
+  assert any('query' in p for p in penalised), penalised
