@@ -60,6 +60,24 @@ def confusion_matrix(labels, predictions, num_classes, mask=None) -> jax.Array:
   return counts.reshape(num_classes, num_classes)
 
 
+def checked_confusion(confusion, class_names=None):
+  """`confusion` as float64 [C, C] and its C unique class names.
+
+  Raises ValueError for a non-square matrix or names that do not fit; names
+  default to '0', '1', ...
+  """
+  confusion = np.asarray(confusion, dtype=np.float64)
+  if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+    raise ValueError(f'confusion must be square [C, C], got {confusion.shape}.')
+  num_classes = confusion.shape[0]
+  if class_names is None:
+    class_names = [str(i) for i in range(num_classes)]
+  if len(class_names) != num_classes or len(set(class_names)) != num_classes:
+    raise ValueError(f'Need {num_classes} unique class names, got '
+                     f'{list(class_names)}.')
+  return confusion, list(class_names)
+
+
 def classification_report(
     confusion: np.ndarray,
     class_names: Sequence[str] | None = None,
@@ -86,16 +104,7 @@ def classification_report(
     `macro_recall`, `macro_f1`, `num_examples`, and for each class name n
     `precision/n`, `recall/n` and `f1/n`.
   """
-  confusion = np.asarray(confusion, dtype=np.float64)
-  if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-    raise ValueError(f'confusion must be square [C, C], got {confusion.shape}.')
-  num_classes = confusion.shape[0]
-  if class_names is None:
-    class_names = [str(i) for i in range(num_classes)]
-  if len(class_names) != num_classes or len(set(class_names)) != num_classes:
-    raise ValueError(f'Need {num_classes} unique class names, got '
-                     f'{list(class_names)}.')
-
+  confusion, class_names = checked_confusion(confusion, class_names)
   true_positives = np.diag(confusion)
   support = confusion.sum(axis=1)  # How often each class occurs.
   predicted = confusion.sum(axis=0)  # How often each class is predicted.

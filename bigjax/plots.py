@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from bigjax import metrics
+
 _DPI = 100
 # Above this many classes, per-cell text, and above this many classes or
 # tokens, tick labels overlap into an unreadable smear, so they are left out.
@@ -134,14 +136,8 @@ def plot_confusion_matrix(confusion, path, *, class_names=None,
   Returns:
     `path` as a str.
   """
-  confusion = np.asarray(confusion, dtype=np.float64)
-  if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-    raise ValueError(f'confusion must be square [C, C], got {confusion.shape}.')
+  confusion, class_names = metrics.checked_confusion(confusion, class_names)
   num_classes = confusion.shape[0]
-  if class_names is None:
-    class_names = [str(i) for i in range(num_classes)]
-  if len(class_names) != num_classes:
-    raise ValueError(f'Need {num_classes} class names, got {len(class_names)}.')
   values = _row_normalize(confusion) if normalize else confusion
 
   # Cells of about half an inch keep two-digit rates legible at any C.

@@ -13,12 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.test_util import check_grads
 
 from bigjax.models import param_counts
 from bigjax.models import recurrent
+from tests.train_utils import adam_losses
 
 B, T, D, H = 3, 7, 5, 6  # T=7 is not a multiple of unroll=4.
 
@@ -309,24 +309,7 @@ def test_classifier_trains_on_random_data():
   labels = jnp.arange(16) % 10
   params = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), images)['params']
-  tx = optax.adam(1e-2)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, rng):
-    def loss_fn(params):
-      logits = model.apply({'params': params}, images, train=True,
-                           rngs={'dropout': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses = []
-  for i in range(20):
-    params, opt_state, loss = step(params, opt_state, jax.random.key(i))
-    losses.append(float(loss))
+  losses = adam_losses(model, params, images, labels, steps=20)
   assert losses[0] == pytest.approx(np.log(10), abs=0.3)
   assert losses[-1] < 0.5 * losses[0]
 

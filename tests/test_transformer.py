@@ -7,13 +7,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from bigjax.models import MODELS
 from bigjax.models import param_counts
 from bigjax.models import positional
 from bigjax.models import transformer as tr
+from tests.train_utils import adam_losses
 
 D, HEADS, KV_HEADS, MLP, VOCAB, MAX_LEN = 32, 4, 2, 48, 50, 16
 HEAD_DIM = D // HEADS
@@ -317,24 +317,7 @@ def test_vit_loss_falls_on_random_data():
   model = tr.ViT(num_classes=10, patch_size=7, d_model=D, num_layers=1,
                  num_heads=HEADS, mlp_dim=MLP)
   params = nn.unbox(_init(model, images[:1])['params'])
-  tx = optax.adam(1e-2)
-
-  @jax.jit
-  def step(params, opt_state, rng):
-    def loss_fn(p):
-      logits = model.apply({'params': p}, images, train=True,
-                           rngs={'dropout': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = tx.init(params)
-  losses = []
-  for i in range(15):
-    params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(i))
-    losses.append(float(loss))
+  losses = adam_losses(model, params, images, labels, steps=15)
   # The zero-initialised head starts every class at 1/10.
   assert losses[0] == pytest.approx(np.log(10), abs=1e-4)
   assert losses[-1] < 0.6 * losses[0]
