@@ -55,7 +55,24 @@ def _stacked_kernel(module, name, *, hidden: int, inputs: int, gates: int):
                       module.param_dtype)
 
 
-class ElmanCell(nn.RNNCellBase):
+class _HiddenStateCell(nn.RNNCellBase):
+  """Cells whose carry is one hidden state h [batch, features] (Elman, GRU).
+
+  Subclasses declare `features` and `param_dtype`.
+  """
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    """Zeros [*input_shape[:-1], features]; `rng` is unused (flax protocol)."""
+    del rng
+    return jnp.zeros((*input_shape[:-1], self.features), self.param_dtype)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+
+class ElmanCell(_HiddenStateCell):
   """h_t = activation(kernel^T [h_{t-1}, x_t] + bias).
 
   Parameters: kernel [features + input, features] (rows for h first, then
@@ -74,16 +91,6 @@ class ElmanCell(nn.RNNCellBase):
                       self.param_dtype)
     h = self.activation(jnp.concatenate([carry, x], -1) @ kernel + bias)
     return h, h
-
-  @nn.nowrap
-  def initialize_carry(self, rng, input_shape):
-    """Zeros [*input_shape[:-1], features]; `rng` is unused (flax protocol)."""
-    del rng
-    return jnp.zeros((*input_shape[:-1], self.features), self.param_dtype)
-
-  @property
-  def num_feature_axes(self) -> int:
-    return 1
 
 
 class LSTMCell(nn.RNNCellBase):
@@ -144,7 +151,7 @@ class LSTMCell(nn.RNNCellBase):
     return 1
 
 
-class GRUCell(nn.RNNCellBase):
+class GRUCell(_HiddenStateCell):
   """GRU with flax's formula, its gates from two matmuls (one for x, one for h).
 
   r = sigmoid(W_ir x + b_ir + W_hr h), z = sigmoid(W_iz x + b_iz + W_hz h),
@@ -179,16 +186,6 @@ class GRUCell(nn.RNNCellBase):
     new = jnp.tanh(xn + r * (hn + b_hn))
     h = (1.0 - z) * new + z * carry
     return h, h
-
-  @nn.nowrap
-  def initialize_carry(self, rng, input_shape):
-    """Zeros [*input_shape[:-1], features]; `rng` is unused."""
-    del rng
-    return jnp.zeros((*input_shape[:-1], self.features), self.param_dtype)
-
-  @property
-  def num_feature_axes(self) -> int:
-    return 1
 
 
 CELLS = {'elman': ElmanCell, 'lstm': LSTMCell, 'gru': GRUCell}
