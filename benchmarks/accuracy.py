@@ -24,6 +24,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from bigjax import metric_writers  # noqa: E402
 from bigjax import train  # noqa: E402
 
@@ -89,16 +90,13 @@ def main(argv):
     record = benchmark(path)
     print(json.dumps(record), flush=True)
     records.append(record)
-  print('\n| config | parameters | test accuracy | training wall time | examples/s |')
-  print('|---|---|---|---|---|')
-  for r in records:
-    print(f"| {r['config']} | {r['parameters_unique']:,} | "
-          f"{100 * r['test_accuracy']:.2f}% | {r['train_wall_s'] / 60:.1f} min | "
-          f"{r['median_examples_per_sec']:,.0f} |")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(records, f, indent=2)
-
+  report.write(records, [
+      ('config', lambda r: r['config']),
+      ('parameters', lambda r: f"{r['parameters_unique']:,}"),
+      ('test accuracy', lambda r: f"{100 * r['test_accuracy']:.2f}%"),
+      ('training wall time', lambda r: f"{r['train_wall_s'] / 60:.1f} min"),
+      ('examples/s', lambda r: f"{r['median_examples_per_sec']:,.0f}"),
+  ], json_path=_JSON.value)
 
 if __name__ == '__main__':
   app.run(main)

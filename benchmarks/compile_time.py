@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from bigjax.models import param_counts  # noqa: E402
 from bigjax.models import transformer  # noqa: E402
 
@@ -87,19 +88,17 @@ def main(argv):
   for r in records:
     r['ratio_to_first'] = r['total_s'] / base
     print(json.dumps(r))
-  print(f'\nDecoderLM d_model={_D_MODEL.value}, {_HEADS.value} heads, '
-        f'seq {_SEQ_LEN.value}, batch {_BATCH.value}, '
-        f'backend {jax.default_backend()}\n')
-  print('| layers | parameters | lower (s) | compile (s) | total (s) | ratio |')
-  print('|---|---|---|---|---|---|')
-  for r in records:
-    print(f"| {r['num_layers']} | {r['parameters']:,} | {r['lower_s']:.2f} | "
-          f"{r['compile_s']:.2f} | {r['total_s']:.2f} | "
-          f"{r['ratio_to_first']:.2f}x |")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(records, f, indent=2)
-
+  report.write(records, [
+      ('layers', lambda r: str(r['num_layers'])),
+      ('parameters', lambda r: f"{r['parameters']:,}"),
+      ('lower (s)', lambda r: f"{r['lower_s']:.2f}"),
+      ('compile (s)', lambda r: f"{r['compile_s']:.2f}"),
+      ('total (s)', lambda r: f"{r['total_s']:.2f}"),
+      ('ratio', lambda r: f"{r['ratio_to_first']:.2f}x"),
+  ], json_path=_JSON.value,
+      title=(f'DecoderLM d_model={_D_MODEL.value}, {_HEADS.value} heads, '
+             f'seq {_SEQ_LEN.value}, batch {_BATCH.value}, '
+             f'backend {jax.default_backend()}'))
 
 if __name__ == '__main__':
   app.run(main)
