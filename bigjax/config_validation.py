@@ -6,11 +6,13 @@ it had, and what is allowed (with the closest valid name for typos).
 
 import dataclasses
 import difflib
+import math
 
 import jax
 
 from bigjax import losses
 from bigjax import optimizers
+from bigjax import sharding
 from bigjax.errors import UserError
 from bigjax.models import MODELS
 
@@ -103,10 +105,17 @@ def validate(config) -> None:
   # Loop lengths and intervals.
   check_range('batch_size', config.batch_size, low=1)
   check_range('eval_batch_size', config.eval_batch_size, low=1)
-  _check_divisible('batch_size', config.batch_size, jax.device_count(),
-                   'number of devices')
-  _check_divisible('eval_batch_size', config.eval_batch_size,
-                   jax.device_count(), 'number of devices')
+  # Devices: the mesh fits the devices, the rules name real axes, and both
+  # batch sizes split evenly over the batch shards.
+  check_choice('sharding_preset', config.sharding_preset,
+               tuple(sharding.PRESETS))
+  sizes = sharding.mesh_shape(config.mesh, jax.device_count())
+  shards = math.prod(
+      sizes[a] for a in sharding.batch_axes(sharding.rules_from_config(config)))
+  _check_divisible('batch_size', config.batch_size, shards,
+                   'number of batch shards')
+  _check_divisible('eval_batch_size', config.eval_batch_size, shards,
+                   'number of batch shards')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise UserError(f'config.num_train_steps={config.num_train_steps} and '
                     f'config.num_epochs={config.num_epochs}: set one of them > 0')

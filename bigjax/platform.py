@@ -1,7 +1,7 @@
-"""Process-wide XLA settings, applied by entry points before JAX starts.
+"""Process-wide settings, applied by entry points before JAX starts.
 
-This module must not import jax: XLA reads XLA_FLAGS once, when the first
-backend is created.
+XLA flags and joining a multi-process job. This module must not import jax
+at the top: XLA reads XLA_FLAGS once, when the first backend is created.
 """
 
 import os
@@ -26,3 +26,30 @@ def set_cpu_xla_flags() -> None:
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
   os.environ['XLA_FLAGS'] = flags
+
+
+def initialize_distributed(*, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           auto: bool = False) -> None:
+  """Joins this process to a multi-process JAX job, if asked to.
+
+  With `coordinator_address` (host:port of process 0), `num_processes` and
+  `process_id`, a manual launch (e.g. several processes on one machine or a
+  hand-written launcher). With `auto`, JAX detects the cluster (Cloud TPU,
+  SLURM, Open MPI, Kubernetes). Neither: a single-process run.
+
+  Must run before anything touches devices. CPU processes talk through gloo
+  collectives (without them cross-process CPU computations fail); the
+  setting only concerns the CPU backend, so it is harmless on GPU/TPU.
+  """
+  if coordinator_address is None and not auto:
+    return
+  import jax  # Imported late: setting XLA flags above must precede jax.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if coordinator_address is None:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)

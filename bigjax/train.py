@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from bigjax import checkpointing
 from bigjax import config_validation
@@ -53,22 +54,30 @@ class TrainState:
   rng: jax.Array
 
 
+def init_variables(rng, *, model: nn.Module, image_shape):
+  """The model's variables, parameters boxed with their logical axis names."""
+  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
 def create_train_state(rng, *, model: nn.Module, tx, image_shape) -> TrainState:
   """A fresh TrainState; pure, so it runs under jit with sharded outputs."""
   init_rng, run_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  # Logical-axis boxes (nn.with_logical_partitioning) carry sharding
-  # metadata for the mesh; the state itself holds plain arrays.
-  variables = nn.unbox(model.init(init_rng, dummy, train=False))
+  # The logical-axis boxes are only read for shardings (`state_shardings`);
+  # the state itself holds plain arrays.
+  variables = nn.unbox(init_variables(init_rng, model=model,
+                                      image_shape=image_shape))
   params = variables['params']
-  # Only collections that a step reads and updates (e.g. BatchNorm's
-  # 'batch_stats') are state; parameter-use markers and captured
-  # intermediates are not.
-  model_state = {k: v for k, v in variables.items()
-                 if k not in ('params', 'intermediates', param_counts.PARAM_USES)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=model_state, opt_state=tx.init(params),
-                    rng=run_rng)
+                    model_state=_model_state(variables),
+                    opt_state=tx.init(params), rng=run_rng)
+
+
+def _model_state(variables):
+  """The collections a step reads and updates (e.g. BatchNorm's
+  'batch_stats'); parameter-use markers and captured intermediates are not
+  state."""
+  return {k: v for k, v in variables.items()
+          if k not in ('params', 'intermediates', param_counts.PARAM_USES)}
 
 
 def _apply(model, params, model_state, images, *, train, rng=None):
@@ -156,13 +165,15 @@ def evaluate(state, *, eval_fn, data_config, eval_batch_size, batch_sharding,
     sums = {k: v for k, v in out.items() if k != 'predictions'}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if first is None:
-      first = dict(local, predictions=out['predictions'])
+      # `out['predictions']` covers the global batch; this process's
+      # examples are its rows of it.
+      rows = sharding.process_rows(batch_sharding, eval_batch_size)
+      first = dict(local, predictions=np.asarray(
+          jax.device_get(out['predictions']))[rows])
   totals = jax.device_get(totals)
   report = metrics_lib.classification_report(totals['confusion'], class_names)
   report['loss'] = float(totals['loss_sum'] / totals['count'])
   scalars = {f'eval/{k}': v for k, v in report.items()}
-  first['predictions'] = np.asarray(
-      jax.device_get(first['predictions']))[:len(first['label'])]
   return scalars, totals['confusion'], first
 
 
@@ -229,13 +240,16 @@ def build_experiment(config) -> Experiment:
       num_steps=num_steps)
 
 
+def abstract_variables(exp: Experiment):
+  """The model's variables as boxed `jax.ShapeDtypeStruct`s (no compute)."""
+  return jax.eval_shape(functools.partial(
+      init_variables, model=exp.model, image_shape=exp.info.image_shape),
+                        jax.random.PRNGKey(0))
+
+
 def parameter_counts(exp: Experiment) -> dict[str, int]:
   """Unique and effective parameter counts, from shapes alone (no init)."""
-  dummy = jnp.zeros((1, *exp.info.image_shape), jnp.float32)
-  variables = jax.eval_shape(
-      lambda r: nn.unbox(exp.model.init(r, dummy, train=False)),
-      jax.random.PRNGKey(0))
-  return param_counts.count_parameters(variables)
+  return param_counts.count_parameters(nn.unbox(abstract_variables(exp)))
 
 
 def _log_parameters(exp: Experiment) -> None:
@@ -247,11 +261,47 @@ def _log_parameters(exp: Experiment) -> None:
                f'{counts["unique"]:,}', f'{counts["effective"]:,}', per_module)
 
 
-def init_or_restore(exp: Experiment, seed: int, manager, mesh):
+def state_shardings(exp: Experiment, abstract_state: TrainState, mesh,
+                    rules) -> TrainState:
+  """Where each array of the train state lives, from the logical rules.
+
+  Parameters (and any boxed model state) get the specs their logical names
+  resolve to; optimizer-state leaves mirror their parameter's spec; the step,
+  the RNG and unnamed state (BatchNorm statistics) are replicated.
+
+  Returns:
+    A TrainState of NamedShardings.
+  """
+  sizes = dict(mesh.shape)
+  variable_specs = sharding.logical_specs(abstract_variables(exp), rules, sizes)
+  specs = TrainState(
+      step=P(), params=variable_specs['params'],
+      model_state={k: variable_specs[k] for k in abstract_state.model_state},
+      opt_state=sharding.specs_like_params(
+          abstract_state.opt_state, abstract_state.params,
+          variable_specs['params']),
+      rng=P())
+  return sharding.named(mesh, specs)
+
+
+def layout_report(exp: Experiment, abstract_state: TrainState, shardings,
+                  mesh) -> str:
+  """The mesh, the per-parameter table and per-device totals (text)."""
+  return sharding.report(
+      mesh, abstract_variables(exp)['params'],
+      jax.tree.map(lambda s: s.spec, shardings.params),
+      {name: (getattr(abstract_state, name), getattr(shardings, name))
+       for name in ('params', 'opt_state', 'model_state')})
+
+
+def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
+                    workdir: Optional[str] = None):
   """The train state, restored from `manager`'s newest checkpoint or fresh.
 
   Shapes first (`jax.eval_shape`), then shardings, then a jitted init whose
-  outputs are born on their devices; a restore lands on the same shardings.
+  outputs are born on their devices (no device ever holds a full copy of a
+  sharded array); a restore lands on the same shardings, whatever mesh the
+  checkpoint was written from.
 
   Returns:
     (state, state_sharding): the TrainState and its pytree of shardings.
@@ -260,12 +310,16 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh):
                               image_shape=exp.info.image_shape)
   rng = jax.random.PRNGKey(seed)
   abstract_state = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh),
-                                abstract_state)
+  state_sharding = state_shardings(exp, abstract_state, mesh, rules)
+  _log_parameters(exp)
+  text = layout_report(exp, abstract_state, state_sharding, mesh)
+  logging.info('Layout:\n%s', text)
+  if workdir is not None and jax.process_index() == 0:
+    with open(os.path.join(workdir, 'sharding.txt'), 'w') as f:
+      f.write(text + '\n')
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_sharding)
-  _log_parameters(exp)
   state = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
     logging.info('Starting fresh')
@@ -285,17 +339,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     The metrics of the final evaluation (flat 'eval/...' dict).
   """
   exp = build_experiment(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules, config.batch_size)
+  eval_sharding = sharding.batch_sharding(
+      mesh, rules, config.eval_batch_size, key='eval_batch_size')
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
-  mesh = sharding.make_mesh()
-  state, state_sharding = init_or_restore(exp, config.seed, manager, mesh)
+  state, state_sharding = init_or_restore(exp, config.seed, manager, mesh,
+                                          rules, workdir)
   if jax.process_index() == 0:
     _write_config(config, workdir)
   logging.info('%s: %d steps of batch %d on %d devices in %s',
                config.model.name, exp.num_steps, config.batch_size,
                jax.device_count(), workdir)
 
-  batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(
       functools.partial(train_step, model=exp.model, tx=exp.tx,
                         loss_fn=exp.loss_fn, l1=config.loss.l1,
@@ -306,10 +364,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_fn = jax.jit(
       functools.partial(eval_step, model=exp.model, loss_fn=exp.loss_fn,
                         num_classes=exp.info.num_classes),
-      in_shardings=(state_sharding, batch_sharding))
+      in_shardings=(state_sharding, eval_sharding),
+      # Replicated sums; predictions too, for the picture of process 0.
+      out_shardings=sharding.replicated(mesh))
   run_eval = functools.partial(
       evaluate, eval_fn=eval_fn, data_config=config.data,
-      eval_batch_size=config.eval_batch_size, batch_sharding=batch_sharding,
+      eval_batch_size=config.eval_batch_size, batch_sharding=eval_sharding,
       class_names=exp.info.class_names)
   try:
     eval_metrics = _train_loop(

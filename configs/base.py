@@ -107,6 +107,27 @@ def get_config(arg=None):
   # steps.
   c.log_every_steps = 100
 
+  # ---- Devices: mesh and sharding ---------------------------------------
+  # Sizes of the device mesh's axes, outermost first: data, fsdp, tensor
+  # (tensor is innermost, so it stays within a host). -1 takes the devices
+  # the others leave. The batch is split over data x fsdp; parameters and
+  # optimizer state are split as the sharding rules say.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # How parameters map to mesh axes (bigjax.sharding.PRESETS):
+  #   'data_parallel': replicated, batch split over data x fsdp;
+  #   'fsdp': every weight also split over 'fsdp' (ZeRO-3 style);
+  #   'fsdp_tensor': fsdp plus tensor parallelism over 'tensor' (attention
+  #     heads, feed-forward width, vocabulary, conv channels, RNN gates).
+  c.sharding_preset = 'data_parallel'
+  # Extra (logical axis name, mesh axes) rules tried before the preset's, so
+  # they override it, e.g. (('vocab', 'tensor'), ('mlp', None)). Logical
+  # names are listed in bigjax/models/axes.py; mesh axes may be a name, a
+  # tuple of names, or None (replicated).
+  c.sharding_rules = ()
+
   # ---- Checkpoints --------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   # Save every this many steps (and after every evaluation and at the end).

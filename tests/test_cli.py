@@ -52,8 +52,12 @@ def finished_workdir(fake_data_dir, tmp_path_factory):
      "(did you mean 'adam'?)"),
     ('--config.batch_size=33',
      {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
-     'config.batch_size=33 does not divide by the number of devices (2); '
+     'config.batch_size=33 does not divide by the number of batch shards (2); '
      'use a multiple of 2'),
+    ('--config.mesh.tensor=3',
+     {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+     'config.mesh (data=-1, fsdp=1, tensor=3) needs a multiple of 3 devices '
+     'but there are 2; change the fixed sizes'),
     ('--config.model.dropout=0.5', {},
      "unknown config key 'model.dropout' in --config.model.dropout=0.5; "
      "did you mean 'model.dropout_rate'?"),

@@ -44,7 +44,7 @@ def np_cnn(params, x):
 def test_seed_cnn_matches_numpy_and_closed_form_count():
   model = cnn.CNN()
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 28, 28, 1))
-  variables = model.init(jax.random.PRNGKey(1), x, train=False)
+  variables = nn.unbox(model.init(jax.random.PRNGKey(1), x, train=False))
   got = model.apply(variables, x, train=False)
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
   want = np_cnn(params, np.asarray(x, np.float64))
@@ -67,7 +67,7 @@ def test_max_pool_2x2_equals_flax_max_pool_with_gradient():
 def test_cnn_gradients_are_correct():
   model = cnn.CNN(features=(2, 3), dense_features=4, num_classes=3)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float32)
-  params = model.init(jax.random.PRNGKey(1), x, train=False)['params']
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x, train=False))['params']
   with jax.enable_x64(True):
     params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
     x64 = jnp.asarray(x, jnp.float64)
@@ -78,7 +78,7 @@ def test_cnn_gradients_are_correct():
 def test_batch_norm_statistics_update_in_training_only():
   block = cnn.ResidualBlock(features=3, batch_norm=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3)) * 3 + 1
-  variables = block.init(jax.random.PRNGKey(1), x, train=False)
+  variables = nn.unbox(block.init(jax.random.PRNGKey(1), x, train=False))
   y, updated = block.apply(variables, x, train=True, mutable=['batch_stats'])
   assert y.shape == x.shape
   np.testing.assert_array_equal(variables['batch_stats']['norm0']['mean'], 0.0)

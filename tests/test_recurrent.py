@@ -30,8 +30,8 @@ def _normal(seed, shape, scale=1.0):
 
 def _random_params(module, *args, seed=0, **kwargs):
   """Random N(0, 0.5^2) params with the structure `module.init` gives."""
-  shapes = jax.eval_shape(
-      functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+  shapes = nn.unbox(jax.eval_shape(
+      functools.partial(module.init, **kwargs), jax.random.key(0), *args))
   leaves, tree = jax.tree.flatten(shapes['params'])
   return jax.tree.unflatten(
       tree, [_normal(seed + i, x.shape, 0.5) for i, x in enumerate(leaves)])
@@ -133,8 +133,8 @@ def test_scan_equals_python_loop_over_the_cell(cell, reverse):
 
 def test_lstm_initialisation():
   xs = _normal(0, (B, T, D))
-  params = jax.jit(recurrent.Recurrence(recurrent.LSTMCell(H)).init)(
-      jax.random.key(0), xs)['params']['cell']
+  params = nn.unbox(jax.jit(recurrent.Recurrence(recurrent.LSTMCell(H)).init)(
+      jax.random.key(0), xs))['params']['cell']
   np.testing.assert_array_equal(
       params['bias'], np.repeat([0.0, 1.0, 0.0, 0.0], H))  # Gates i, f, g, o.
   # Each gate's recurrent block starts orthogonal, as flax's do.
@@ -259,7 +259,7 @@ def test_gradients_match_finite_differences(make_cell):
     lengths = jnp.array([4, 2])
     module = recurrent.Recurrence(make_cell(4, param_dtype=jnp.float64),
                                   reverse=True)
-    params = jax.jit(module.init)(jax.random.key(1), xs)['params']
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(1), xs))['params']
     weights = jax.random.normal(jax.random.key(2), (2, 4, 4), jnp.float64)
 
     @jax.jit
@@ -278,8 +278,8 @@ def test_gradients_match_finite_differences(make_cell):
 def test_classifier_shapes(kwargs, width):
   model = recurrent.RNNClassifier(hidden_size=8, **kwargs)
   images = jnp.zeros((4, 28, 28, 1))
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), images, train=False))
+  variables = nn.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images, train=False)))
   logits = jax.eval_shape(
       lambda params: model.apply({'params': params}, images, train=True,
                                  rngs={'dropout': jax.random.key(1)}),
@@ -307,8 +307,8 @@ def test_classifier_trains_on_random_data():
   model = recurrent.RNNClassifier(hidden_size=16, dropout_rate=0.1)
   images = _normal(0, (16, 28, 28, 1))
   labels = jnp.arange(16) % 10
-  params = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), images)['params']
+  params = nn.unbox(jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), images))['params']
   losses = adam_losses(model, params, images, labels, steps=20)
   assert losses[0] == pytest.approx(np.log(10), abs=0.3)
   assert losses[-1] < 0.5 * losses[0]

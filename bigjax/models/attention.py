@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bigjax.models import axes
 from bigjax.models import positional
 
 KERNELS = ('einsum', 'xla', 'cudnn', 'chunked')
@@ -269,10 +270,6 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
   return (out, weights) if return_weights else out
 
 
-def _logical(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
 class MultiHeadAttention(nn.Module):
   """Multi-head (or grouped-/multi-query) attention with its projections.
 
@@ -332,9 +329,9 @@ class MultiHeadAttention(nn.Module):
     def projection(heads, name, bias):
       return nn.DenseGeneral(
           (heads, head_dim), use_bias=bias, name=name,
-          kernel_init=_logical(nn.initializers.lecun_normal(),
+          kernel_init=axes.logical(nn.initializers.lecun_normal(),
                                ('embed', 'heads', 'kv')),
-          bias_init=_logical(nn.initializers.zeros_init(), ('heads', 'kv')))
+          bias_init=axes.logical(nn.initializers.zeros_init(), ('heads', 'kv')))
 
     q = projection(self.num_heads, 'query', self.qkv_bias)(x_q)
     k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
@@ -366,6 +363,6 @@ class MultiHeadAttention(nn.Module):
       out = result
     return nn.DenseGeneral(
         self.out_features or features, axis=(-2, -1), name='out',
-        kernel_init=_logical(nn.initializers.lecun_normal(),
+        kernel_init=axes.logical(nn.initializers.lecun_normal(),
                              ('heads', 'kv', 'embed')),
-        bias_init=_logical(nn.initializers.zeros_init(), ('embed',)))(out)
+        bias_init=axes.logical(nn.initializers.zeros_init(), ('embed',)))(out)

@@ -6,6 +6,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigjax.models import axes
+
 
 def max_pool_2x2(x):
   """2x2 max-pooling with stride 2 over [batch, height, width, channels].
@@ -27,6 +29,28 @@ def avg_pool_2x2(x):
 
 
 POOLS = {'max': max_pool_2x2, 'avg': avg_pool_2x2}
+
+
+def conv(features: int, kernel_size, **kwargs):
+  """`nn.Conv` with kernel [kh, kw, in, out] named (., ., conv_in, conv_out)."""
+  return nn.Conv(
+      features, kernel_size,
+      kernel_init=axes.logical(nn.initializers.lecun_normal(),
+                               (None, None, 'conv_in', 'conv_out')),
+      bias_init=axes.logical(nn.initializers.zeros_init(), ('conv_out',)),
+      **kwargs)
+
+
+def batch_norm(**kwargs):
+  """`nn.BatchNorm` over channels; its scale and offset are named conv_out.
+
+  The running statistics are state, not parameters: they stay replicated.
+  """
+  return nn.BatchNorm(
+      momentum=0.9,
+      scale_init=axes.logical(nn.initializers.ones_init(), ('conv_out',)),
+      bias_init=axes.logical(nn.initializers.zeros_init(), ('conv_out',)),
+      **kwargs)
 
 
 class CNN(nn.Module):
@@ -58,13 +82,14 @@ class CNN(nn.Module):
     pool = POOLS[self.pooling]
     k = (self.kernel_size, self.kernel_size)
     for i, f in enumerate(self.features):
-      x = nn.Conv(f, k, padding='SAME', name=f'conv{i}')(x)
+      x = conv(f, k, padding='SAME', name=f'conv{i}')(x)
       x = pool(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.dense_features, name='hidden')(x))
+    x = nn.relu(axes.dense(self.dense_features, ('embed', 'mlp'),
+                           name='hidden')(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='head')(x)
+    return axes.dense(self.num_classes, ('mlp', 'classes'), name='head')(x)
 
 
 class ResidualBlock(nn.Module):
@@ -86,8 +111,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     """[batch, H, W, C] -> [batch, H / strides, W / strides, features]."""
-    norm = (functools.partial(nn.BatchNorm, use_running_average=not train,
-                              momentum=0.9)
+    norm = (functools.partial(batch_norm, use_running_average=not train)
             if self.batch_norm else None)
 
     def preact(y, name):
@@ -97,13 +121,13 @@ class ResidualBlock(nn.Module):
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       # Project from the pre-activated input, as in the pre-act ResNet.
-      shortcut = nn.Conv(self.features, (1, 1), strides=self.strides,
+      shortcut = conv(self.features, (1, 1), strides=self.strides,
                          use_bias=False, name='shortcut')(y)
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding='SAME',
-                use_bias=not norm, name='conv0')(y)
+    y = conv(self.features, (3, 3), strides=self.strides, padding='SAME',
+             use_bias=not norm, name='conv0')(y)
     y = preact(y, 'norm1')
-    y = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=not norm,
-                name='conv1')(y)
+    y = conv(self.features, (3, 3), padding='SAME', use_bias=not norm,
+             name='conv1')(y)
     return y + shortcut
 
 
@@ -133,15 +157,14 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     """[batch, H, W, C] images -> [batch, num_classes] logits."""
-    x = nn.Conv(self.stage_features[0], (3, 3), padding='SAME', name='stem')(x)
+    x = conv(self.stage_features[0], (3, 3), padding='SAME', name='stem')(x)
     for stage, features in enumerate(self.stage_features):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
         x = ResidualBlock(features, strides, self.batch_norm,
                           name=f'stage{stage}_block{block}')(x, train=train)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       name='final_norm')(x)
+      x = batch_norm(use_running_average=not train, name='final_norm')(x)
     x = nn.relu(x).mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='head')(x)
+    return axes.dense(self.num_classes, ('embed', 'classes'), name='head')(x)

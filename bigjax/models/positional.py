@@ -8,6 +8,8 @@ product depends only on the offset between the two positions.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigjax.models import axes
+
 
 def _inverse_timescales(num: int, max_timescale: float):
   """num frequencies 1 / max_timescale^(i / num), i = 0..num-1."""
@@ -61,8 +63,7 @@ class LearnedPositionalEmbedding(nn.Module):
   def __call__(self, positions):
     table = self.param(
         'embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
-                                     (None, 'embed')),
+        axes.logical(nn.initializers.normal(stddev=0.02), (None, 'embed')),
         (self.max_len, self.features))
     return jnp.take(table, positions, axis=0)
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax.models import axes
 from bigjax.models import param_counts
 
 
@@ -36,6 +37,13 @@ def _blocks(init, n: int):
   return init_fn
 
 
+# Logical axes of recurrent kernels [rows, gates * hidden] and their biases.
+# Tensor parallelism splits the gate columns, so each device computes a block
+# of gate pre-activations from the whole [h, x].
+_KERNEL_AXES = ('rnn_in', 'rnn_gates')
+_BIAS_AXES = ('rnn_gates',)
+
+
 def _stacked_kernel(module, name, *, hidden: int, inputs: int, gates: int):
   """A [hidden + inputs, gates * hidden] kernel acting on concat([h, x]).
 
@@ -51,8 +59,8 @@ def _stacked_kernel(module, name, *, hidden: int, inputs: int, gates: int):
     return jnp.concatenate([
         recurrent_init(k_h, (hidden, shape[1]), dtype),
         input_init(k_x, (inputs, shape[1]), dtype)], 0)
-  return module.param(name, init_fn, (hidden + inputs, gates * hidden),
-                      module.param_dtype)
+  return module.param(name, axes.logical(init_fn, _KERNEL_AXES),
+                      (hidden + inputs, gates * hidden), module.param_dtype)
 
 
 class _HiddenStateCell(nn.RNNCellBase):
@@ -87,8 +95,9 @@ class ElmanCell(_HiddenStateCell):
     """carry [batch, features], x [batch, input] -> (h, h) [batch, features]."""
     kernel = _stacked_kernel(self, 'kernel', hidden=self.features,
                              inputs=x.shape[-1], gates=1)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
-                      self.param_dtype)
+    bias = self.param('bias',
+                      axes.logical(nn.initializers.zeros_init(), _BIAS_AXES),
+                      (self.features,), self.param_dtype)
     h = self.activation(jnp.concatenate([carry, x], -1) @ kernel + bias)
     return h, h
 
@@ -131,7 +140,8 @@ class LSTMCell(nn.RNNCellBase):
     def bias_init(key, shape, dtype=jnp.float32):
       del key
       return jnp.zeros(shape, dtype).at[n:2 * n].set(self.forget_bias)
-    bias = self.param('bias', bias_init, (4 * n,), self.param_dtype)
+    bias = self.param('bias', axes.logical(bias_init, _BIAS_AXES), (4 * n,),
+                      self.param_dtype)
 
     gates = jnp.concatenate([h, x], -1) @ kernel + bias
     i, f, g, o = jnp.split(gates, 4, axis=-1)
@@ -172,13 +182,18 @@ class GRUCell(_HiddenStateCell):
     """h [batch, features], x [batch, input] -> (h', h') [batch, features]."""
     n = self.features
     zeros = nn.initializers.zeros_init()
-    w_x = self.param('input_kernel', _blocks(nn.initializers.lecun_normal(), 3),
-                     (x.shape[-1], 3 * n), self.param_dtype)
-    b_x = self.param('input_bias', zeros, (3 * n,), self.param_dtype)
-    w_h = self.param('recurrent_kernel',
-                     _blocks(nn.initializers.orthogonal(), 3), (n, 3 * n),
+    w_x = self.param(
+        'input_kernel',
+        axes.logical(_blocks(nn.initializers.lecun_normal(), 3), _KERNEL_AXES),
+        (x.shape[-1], 3 * n), self.param_dtype)
+    b_x = self.param('input_bias', axes.logical(zeros, _BIAS_AXES), (3 * n,),
                      self.param_dtype)
-    b_hn = self.param('recurrent_bias', zeros, (n,), self.param_dtype)
+    w_h = self.param(
+        'recurrent_kernel',
+        axes.logical(_blocks(nn.initializers.orthogonal(), 3), _KERNEL_AXES),
+        (n, 3 * n), self.param_dtype)
+    b_hn = self.param('recurrent_bias', axes.logical(zeros, ('rnn_hidden',)),
+                      (n,), self.param_dtype)
     xr, xz, xn = jnp.split(x @ w_x + b_x, 3, axis=-1)
     hr, hz, hn = jnp.split(carry @ w_h, 3, axis=-1)
     r = jax.nn.sigmoid(xr + hr)
@@ -383,7 +398,8 @@ class RecurrentStack(nn.Module):
                       bidirectional=self.bidirectional, unroll=self.unroll)
     if self.cross_layer_sharing == 'all':
       width = self.hidden_size * (2 if self.bidirectional else 1)
-      xs = nn.Dense(width, name='input_projection')(xs)
+      xs = axes.dense(width, ('embed', 'rnn_hidden'),
+                      name='input_projection')(xs)
       return SharedLayers(**layer_args, num_layers=self.num_layers,
                           dropout_rate=self.dropout_rate, name='shared')(
                               xs, train=train, lengths=lengths)
@@ -436,4 +452,5 @@ class RNNClassifier(nn.Module):
         name='rnn')(xs, train=train)
     features = last if self.pooling == 'last' else ys.mean(axis=1)
     features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
-    return nn.Dense(self.num_classes, name='head')(features)
+    return axes.dense(self.num_classes, ('rnn_hidden', 'classes'),
+                      name='head')(features)

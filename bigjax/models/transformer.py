@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from bigjax.models import attention
+from bigjax.models import axes
 from bigjax.models import param_counts
 from bigjax.models import positional as positional_lib
 
@@ -34,15 +35,11 @@ REMAT = ('none', 'full')
 _LAYERS_AXIS = {nn.PARTITION_NAME: 'layers'}
 
 
-def _logical(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
 def _layer_norm(name):
   return nn.LayerNorm(
       name=name,
-      scale_init=_logical(nn.initializers.ones_init(), ('embed',)),
-      bias_init=_logical(nn.initializers.zeros_init(), ('embed',)))
+      scale_init=axes.logical(nn.initializers.ones_init(), ('embed',)),
+      bias_init=axes.logical(nn.initializers.zeros_init(), ('embed',)))
 
 
 class MLP(nn.Module):
@@ -59,14 +56,14 @@ class MLP(nn.Module):
   def __call__(self, x, *, train: bool):
     """[batch, length, embed] -> [batch, length, embed]."""
     h = nn.Dense(self.mlp_dim, name='wi',
-                 kernel_init=_logical(nn.initializers.xavier_uniform(),
+                 kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                       ('embed', 'mlp')),
-                 bias_init=_logical(nn.initializers.zeros_init(), ('mlp',)))(x)
+                 bias_init=axes.logical(nn.initializers.zeros_init(), ('mlp',)))(x)
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(h))
     return nn.Dense(x.shape[-1], name='wo',
-                    kernel_init=_logical(nn.initializers.xavier_uniform(),
+                    kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                          ('mlp', 'embed')),
-                    bias_init=_logical(nn.initializers.zeros_init(),
+                    bias_init=axes.logical(nn.initializers.zeros_init(),
                                        ('embed',)))(h)
 
 
@@ -318,13 +315,13 @@ class TokenEmbedding(nn.Module):
   def setup(self):
     dim = self.embedding_dim or self.features
     self.embedding = self.param(
-        'embedding', _logical(nn.initializers.normal(stddev=0.02),
+        'embedding', axes.logical(nn.initializers.normal(stddev=0.02),
                               ('vocab', 'embed' if dim == self.features
                                else None)),
         (self.vocab_size, dim))
     if self.embedding_dim:
       self.projection = self.param(
-          'projection', _logical(nn.initializers.lecun_normal(),
+          'projection', axes.logical(nn.initializers.lecun_normal(),
                                  (None, 'embed')),
           (self.embedding_dim, self.features))
 
@@ -406,7 +403,7 @@ def _output_logits(embed, x, *, tie: bool, vocab_size: int):
   if tie:
     return embed.attend(x)
   return nn.Dense(vocab_size, use_bias=False, name='logits',
-                  kernel_init=_logical(nn.initializers.lecun_normal(),
+                  kernel_init=axes.logical(nn.initializers.lecun_normal(),
                                        ('embed', 'vocab')))(x)
 
 
@@ -434,7 +431,7 @@ class TransformerEncoder(_TransformerFields):
     if valid is None:
       valid = jnp.ones(tokens.shape, bool)
     if self.pooling == 'cls':
-      cls = self.param('cls', _logical(nn.initializers.zeros_init(),
+      cls = self.param('cls', axes.logical(nn.initializers.zeros_init(),
                                        (None, None, 'embed')),
                        (1, 1, self.d_model))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
@@ -454,7 +451,8 @@ class TransformerEncoder(_TransformerFields):
     else:
       w = valid[..., None].astype(x.dtype)
       pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
-    return nn.Dense(self.num_classes, name='head')(pooled)
+    return axes.dense(self.num_classes, ('embed', 'classes'),
+                      name='head')(pooled)
 
 
 class DecoderLM(_TransformerFields):
@@ -567,9 +565,9 @@ class ViT(_TransformerFields):
     p = self.patch_size
     x = nn.Conv(self.d_model, (p, p), strides=(p, p), padding='VALID',
                 name='patch_embedding',
-                kernel_init=_logical(nn.initializers.lecun_normal(),
+                kernel_init=axes.logical(nn.initializers.lecun_normal(),
                                      (None, None, None, 'embed')),
-                bias_init=_logical(nn.initializers.zeros_init(),
+                bias_init=axes.logical(nn.initializers.zeros_init(),
                                    ('embed',)))(images)
     b, grid_h, grid_w, d = x.shape
     x = x.reshape(b, grid_h * grid_w, d)
@@ -583,7 +581,7 @@ class ViT(_TransformerFields):
       raise ValueError(f'ViT positional={self.positional!r}; use learned or '
                        'sinusoidal')
     if self.pooling == 'cls':
-      cls = self.param('cls', _logical(nn.initializers.zeros_init(),
+      cls = self.param('cls', axes.logical(nn.initializers.zeros_init(),
                                        (None, None, 'embed')), (1, 1, d))
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     elif self.pooling != 'mean':
@@ -593,5 +591,9 @@ class ViT(_TransformerFields):
     x = _layer_norm('encoder_norm')(x)
     pooled = x[:, 0] if self.pooling == 'cls' else x.mean(axis=1)
     # Zero-initialised head: every class starts equally likely (big_vision).
-    return nn.Dense(self.num_classes, name='head',
-                    kernel_init=nn.initializers.zeros_init())(pooled)
+    return nn.Dense(
+        self.num_classes, name='head',
+        kernel_init=axes.logical(nn.initializers.zeros_init(),
+                                 ('embed', 'classes')),
+        bias_init=axes.logical(nn.initializers.zeros_init(), ('classes',)))(
+            pooled)
