@@ -13,6 +13,7 @@ import jax
 from bigjax import losses
 from bigjax import optimizers
 from bigjax import sharding
+from bigjax import tasks
 from bigjax.errors import UserError
 from bigjax.models import MODELS
 
@@ -76,6 +77,7 @@ def _check_divisible(key: str, value: int, by: int, what: str) -> None:
 def validate(config) -> None:
   """Raises UserError at the first invalid value in `config`."""
   check_range('seed', config.seed, low=0)
+  check_choice('task', config.task, tasks.TASKS)
   # Model.
   model_class_and_kwargs(config.model)
   if 'dropout_rate' in config.model:

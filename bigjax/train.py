@@ -1,9 +1,11 @@
-"""Training and evaluation of classifiers: the loop, and the pure steps it jits.
+"""Training and evaluation: the loop, and the pure steps it jits.
 
 The path from the command line: `experiments/train.py` parses flags and calls
 `train_and_evaluate(config, workdir)`, which validates the config, builds the
-data, model and optimiser, creates (or restores) a sharded `TrainState`, and
-runs `train_step` / `eval_step` under `jax.jit`.
+task (data, loss, metrics; `bigjax/tasks.py`), model and optimiser, creates
+(or restores) a sharded `TrainState`, and runs `train_step` / `eval_step`
+under `jax.jit`. The loop is the same for classifiers, language models and
+seq2seq models; only the bound task differs.
 """
 
 import dataclasses
@@ -11,7 +13,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -26,10 +28,9 @@ from bigjax import checkpointing
 from bigjax import config_validation
 from bigjax import losses
 from bigjax import metric_writers
-from bigjax import metrics as metrics_lib
 from bigjax import optimizers
 from bigjax import sharding
-from bigjax.data import input_pipeline
+from bigjax import tasks
 from bigjax.errors import UserError
 from bigjax.models import param_counts
 
@@ -54,18 +55,17 @@ class TrainState:
   rng: jax.Array
 
 
-def init_variables(rng, *, model: nn.Module, image_shape):
+def init_variables(rng, *, model: nn.Module, task):
   """The model's variables, parameters boxed with their logical axis names."""
-  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return model.init(rng, task.dummy_inputs(), train=False)
 
 
-def create_train_state(rng, *, model: nn.Module, tx, image_shape) -> TrainState:
+def create_train_state(rng, *, model: nn.Module, tx, task) -> TrainState:
   """A fresh TrainState; pure, so it runs under jit with sharded outputs."""
   init_rng, run_rng = jax.random.split(rng)
   # The logical-axis boxes are only read for shardings (`state_shardings`);
   # the state itself holds plain arrays.
-  variables = nn.unbox(init_variables(init_rng, model=model,
-                                      image_shape=image_shape))
+  variables = nn.unbox(init_variables(init_rng, model=model, task=task))
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     model_state=_model_state(variables),
@@ -80,22 +80,23 @@ def _model_state(variables):
           if k not in ('params', 'intermediates', param_counts.PARAM_USES)}
 
 
-def _apply(model, params, model_state, images, *, train, rng=None):
-  """Logits [batch, classes] and the updated model state."""
+def _apply(model, params, model_state, inputs, *, train, rng=None):
+  """The model's logits and its updated model state."""
   rngs = {'dropout': rng} if rng is not None else None
-  return model.apply({'params': params, **model_state}, images, train=train,
+  return model.apply({'params': params, **model_state}, inputs, train=train,
                      rngs=rngs, mutable=list(model_state))
 
 
 def train_step(state: TrainState, batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, loss_fn: Callable,
+               tx: optax.GradientTransformation, task,
                l1: float, l2: float, schedule: optax.Schedule):
   """One update on a global batch.
 
   Args:
     state: the current TrainState (donated by the caller's jit).
-    batch: {'image': float32 [batch, H, W, C], 'label': int32 [batch]}.
-    model, tx, loss_fn, l1, l2, schedule: bound with functools.partial.
+    batch: a global batch in the task's format (e.g. {'image': float32
+      [batch, H, W, C], 'label': int32 [batch]}).
+    model, tx, task, l1, l2, schedule: bound with functools.partial.
 
   Returns:
     The new state and a flat dict of scalar metrics for this step.
@@ -104,19 +105,19 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
 
   def objective(params):
     logits, model_state = _apply(model, params, state.model_state,
-                                 batch['image'], train=True, rng=rng)
-    data_loss = jnp.mean(loss_fn(logits, batch['label']))
+                                 task.model_inputs(batch), train=True, rng=rng)
+    data_loss, task_metrics = task.loss(logits, batch)
     penalty = losses.weight_penalty(params, l1=l1, l2=l2)
-    return data_loss + penalty, (data_loss, penalty, logits, model_state)
+    return data_loss + penalty, (data_loss, penalty, task_metrics, model_state)
 
-  grads, (data_loss, penalty, logits, model_state) = jax.grad(
+  grads, (data_loss, penalty, task_metrics, model_state) = jax.grad(
       objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
       'train/loss': data_loss,
       'train/penalty': penalty,
-      'train/accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      **{f'train/{k}': v for k, v in task_metrics.items()},
       'train/grad_norm': optax.tree.norm(grads),
       'train/learning_rate': schedule(state.step),
   }
@@ -125,61 +126,50 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model: nn.Module,
-              loss_fn: Callable, num_classes: int):
-  """Sums over one eval batch, to be added up over the eval split.
-
-  Args:
-    batch: {'image': [batch, H, W, C], 'label': int32 [batch],
-      'mask': float32 [batch], 0 for padding}.
+def eval_step(state: TrainState, batch, *, model: nn.Module, task):
+  """The task's sums over one eval batch, to be added up over the split.
 
   Returns:
-    {'loss_sum': [], 'count': [], 'confusion': int32 [classes, classes],
-    'predictions': int32 [batch]}.
+    `task.eval_sums(logits, batch)`, e.g. {'loss_sum': [], 'count': [], ...};
+    a 'predictions' entry is per example and is not summed.
   """
-  logits, _ = _apply(model, state.params, state.model_state, batch['image'],
-                     train=False)
-  predictions = jnp.argmax(logits, -1)
-  mask = batch['mask']
-  return {
-      'loss_sum': jnp.sum(loss_fn(logits, batch['label']) * mask),
-      'count': jnp.sum(mask),
-      'confusion': metrics_lib.confusion_matrix(
-          batch['label'], predictions, num_classes, mask=mask),
-      'predictions': predictions,
-  }
+  logits, _ = _apply(model, state.params, state.model_state,
+                     task.model_inputs(batch), train=False)
+  return task.eval_sums(logits, batch)
 
 
-def evaluate(state, *, eval_fn, data_config, eval_batch_size, batch_sharding,
-             class_names):
+def evaluate(state, *, eval_fn, task, eval_batch_size, batch_sharding):
   """Runs `eval_fn` over the whole eval split.
 
   Returns:
-    A flat dict of 'eval/...' scalars, the confusion matrix (NumPy), and the
-    first batch with its predictions (for the picture of predictions).
+    A flat dict of 'eval/...' scalars, the summed eval outputs (NumPy), and
+    the first local batch with its 'predictions' if the task has them (for
+    pictures).
   """
   totals, first = None, None
-  for local in input_pipeline.eval_batches(
-      data_config, global_batch_size=eval_batch_size):
+  for local in task.eval_batches(global_batch_size=eval_batch_size):
     out = eval_fn(state, sharding.global_batch(local, batch_sharding))
     sums = {k: v for k, v in out.items() if k != 'predictions'}
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if first is None:
-      # `out['predictions']` covers the global batch; this process's
-      # examples are its rows of it.
-      rows = sharding.process_rows(batch_sharding, eval_batch_size)
-      first = dict(local, predictions=np.asarray(
-          jax.device_get(out['predictions']))[rows])
+      first = dict(local)
+      if 'predictions' in out:
+        # They cover the global batch; this process's examples are its rows.
+        rows = sharding.process_rows(batch_sharding, eval_batch_size)
+        first['predictions'] = np.asarray(
+            jax.device_get(out['predictions']))[rows]
   totals = jax.device_get(totals)
-  report = metrics_lib.classification_report(totals['confusion'], class_names)
-  report['loss'] = float(totals['loss_sum'] / totals['count'])
-  scalars = {f'eval/{k}': v for k, v in report.items()}
-  return scalars, totals['confusion'], first
+  scalars = {f'eval/{k}': v for k, v in task.eval_scalars(totals).items()}
+  return scalars, totals, first
 
 
-def total_train_steps(config, num_train_examples: int) -> int:
+def total_train_steps(config, num_train_examples) -> int:
+  """config.num_train_steps, or num_epochs over the training split."""
   if config.num_train_steps > 0:
     return config.num_train_steps
+  if num_train_examples is None:
+    raise UserError(f'config.task={config.task!r} generates its data and has '
+                    'no epochs: set config.num_train_steps > 0')
   return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
@@ -191,60 +181,55 @@ def _write_config(config, workdir):
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 
-def _write_plots(workdir, *, step, confusion, first_batch, class_names):
+def _write_pictures(workdir, *, step, task, sums, first_batch):
+  """Curves for every task, plus what the task draws (e.g. a confusion
+  matrix and predictions)."""
   from bigjax import plots  # matplotlib is only needed when plotting.
   pictures = os.path.join(workdir, 'pictures')
   plots.plot_curves(metric_writers.read_history(workdir, up_to_step=step),
                     os.path.join(pictures, 'curves.png'),
                     title=f'step {step}')
-  plots.plot_confusion_matrix(confusion,
-                              os.path.join(pictures, 'confusion_matrix.png'),
-                              class_names=class_names)
-  plots.plot_predictions(first_batch['image'], first_batch['label'],
-                         first_batch['predictions'],
-                         os.path.join(pictures, 'predictions.png'),
-                         class_names=class_names)
+  task.write_pictures(pictures, sums=sums, first_batch=first_batch)
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What a config resolves to, before any array exists."""
-  info: input_pipeline.DatasetInfo
+  task: Any  # One of bigjax.tasks: data, loss and metrics.
   model: nn.Module
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  loss_fn: Callable
   num_steps: int
 
 
-def build_experiment(config) -> Experiment:
+def build_experiment(config, workdir: Optional[str] = None) -> Experiment:
   """Validates `config` and builds the objects it names (no compute).
 
+  `workdir` is only read (a resumed language model reuses its tokenizer).
   Raises UserError for a bad config or missing data.
   """
   config_validation.validate(config)
-  info = input_pipeline.dataset_info(config.data)
+  task = tasks.make_task(config, losses.make_loss(config.loss), workdir)
   model_cls, model_kwargs = config_validation.model_class_and_kwargs(
       config.model)
-  if model_kwargs.get('num_classes', info.num_classes) != info.num_classes:
-    raise UserError(
-        f'config.model.num_classes={model_kwargs["num_classes"]} but dataset '
-        f"'{config.data.name}' has {info.num_classes} classes; set "
-        f'--config.model.num_classes={info.num_classes}')
-  num_steps = total_train_steps(config, info.num_train_examples)
+  for key, want in task.model_kwargs.items():
+    if model_kwargs.get(key, want) != want:
+      raise UserError(
+          f'config.model.{key}={model_kwargs[key]} but the data ('
+          f"'{config.data.name}') need {want}; set --config.model.{key}={want}")
+  num_steps = total_train_steps(config, task.num_train_examples)
   schedule = optimizers.make_schedule(config.optimizer, num_steps)
   return Experiment(
-      info=info, model=model_cls(**model_kwargs),
+      task=task, model=model_cls(**model_kwargs),
       tx=optimizers.make_optimizer(config.optimizer, schedule),
-      schedule=schedule, loss_fn=losses.make_loss(config.loss),
-      num_steps=num_steps)
+      schedule=schedule, num_steps=num_steps)
 
 
 def abstract_variables(exp: Experiment):
   """The model's variables as boxed `jax.ShapeDtypeStruct`s (no compute)."""
-  return jax.eval_shape(functools.partial(
-      init_variables, model=exp.model, image_shape=exp.info.image_shape),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(
+      functools.partial(init_variables, model=exp.model, task=exp.task),
+      jax.random.PRNGKey(0))
 
 
 def parameter_counts(exp: Experiment) -> dict[str, int]:
@@ -307,7 +292,7 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
     (state, state_sharding): the TrainState and its pytree of shardings.
   """
   init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                              image_shape=exp.info.image_shape)
+                              task=exp.task)
   rng = jax.random.PRNGKey(seed)
   abstract_state = jax.eval_shape(init_fn, rng)
   state_sharding = state_shardings(exp, abstract_state, mesh, rules)
@@ -338,7 +323,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The metrics of the final evaluation (flat 'eval/...' dict).
   """
-  exp = build_experiment(config)
+  exp = build_experiment(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   batch_sharding = sharding.batch_sharding(mesh, rules, config.batch_size)
@@ -350,27 +335,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           rules, workdir)
   if jax.process_index() == 0:
     _write_config(config, workdir)
+  exp.task.save_assets(workdir)
   logging.info('%s: %d steps of batch %d on %d devices in %s',
                config.model.name, exp.num_steps, config.batch_size,
                jax.device_count(), workdir)
 
   train_fn = jax.jit(
       functools.partial(train_step, model=exp.model, tx=exp.tx,
-                        loss_fn=exp.loss_fn, l1=config.loss.l1,
+                        task=exp.task, l1=config.loss.l1,
                         l2=config.loss.l2, schedule=exp.schedule),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(
-      functools.partial(eval_step, model=exp.model, loss_fn=exp.loss_fn,
-                        num_classes=exp.info.num_classes),
+      functools.partial(eval_step, model=exp.model, task=exp.task),
       in_shardings=(state_sharding, eval_sharding),
       # Replicated sums; predictions too, for the picture of process 0.
       out_shardings=sharding.replicated(mesh))
   run_eval = functools.partial(
-      evaluate, eval_fn=eval_fn, data_config=config.data,
-      eval_batch_size=config.eval_batch_size, batch_sharding=eval_sharding,
-      class_names=exp.info.class_names)
+      evaluate, eval_fn=eval_fn, task=exp.task,
+      eval_batch_size=config.eval_batch_size, batch_sharding=eval_sharding)
   try:
     eval_metrics = _train_loop(
         config, workdir, exp=exp, state=state, train_fn=train_fn,
@@ -397,9 +381,8 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
   writer = metric_writers.MetricWriter(workdir)
   progress = metric_writers.ProgressBar(num_steps, start_step,
                                         enabled=config.progress_bar)
-  batches = input_pipeline.train_batches(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step)
+  batches = exp.task.train_batches(global_batch_size=config.batch_size,
+                                   seed=config.seed, start_step=start_step)
   eval_metrics = {}
   pending = []  # Device-side metrics since the last write; fetched together.
   last_time = time.perf_counter()
@@ -422,14 +405,13 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
 
       is_eval = step % config.eval_every_steps == 0 or step == num_steps
       if is_eval:
-        eval_metrics, confusion, first_batch = run_eval(state)
+        eval_metrics, sums, first_batch = run_eval(state)
         writer.write(step, eval_metrics)
         logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
                      eval_metrics['eval/accuracy'], eval_metrics['eval/loss'])
         if config.write_plots and jax.process_index() == 0:
-          _write_plots(workdir, step=step, confusion=confusion,
-                       first_batch=first_batch,
-                       class_names=exp.info.class_names)
+          _write_pictures(workdir, step=step, task=exp.task, sums=sums,
+                          first_batch=first_batch)
       if is_eval or step % config.checkpoint.save_every_steps == 0:
         checkpointing.save(manager, state,
                            metrics=eval_metrics if is_eval else None)

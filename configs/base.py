@@ -21,6 +21,11 @@ def get_config(arg=None):
   # configs (seed included) are bitwise reproducible on one topology.
   c.seed = 0
 
+  # What is learned, and so which data, loss and metrics (bigjax/tasks.py):
+  # 'classification' (images -> classes), 'language_model' (next token of a
+  # text) or 'seq2seq' (generated source -> target tasks).
+  c.task = 'classification'
+
   # ---- Data -------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   # TFDS name. 'fashion_mnist_local' is our builder over the idx files of the
@@ -46,6 +51,27 @@ def get_config(arg=None):
   c.data.augment.crop_padding = 0
   # Mirror left-right with probability 1/2.
   c.data.augment.horizontal_flip = False
+  # Text (task 'language_model'): the TFDS string feature holding each
+  # document, the tokenizer ('char': one id per character of the training
+  # split, unknown characters -> UNK; 'byte': UTF-8 bytes), and the tokens
+  # per training window. The run keeps its vocabulary as
+  # WORKDIR/tokenizer.json.
+  c.data.text_key = 'text'
+  c.data.tokenizer = 'char'
+  c.data.seq_len = 256
+  # Generated source -> target tasks (task 'seq2seq', bigjax/data/synthetic.py).
+  c.data.synthetic = ml_collections.ConfigDict()
+  # 'copy', 'reverse', 'sort' or 'addition' (a+b= -> digits of the sum).
+  c.data.synthetic.task = 'copy'
+  # Source length (for addition: digits per operand), uniform in
+  # [min_length, max_length].
+  c.data.synthetic.min_length = 1
+  c.data.synthetic.max_length = 32
+  # Alphabet size; for addition the number base.
+  c.data.synthetic.num_symbols = 10
+  # The fixed eval set: its size and seed (the same for every run and seed).
+  c.data.synthetic.num_eval_examples = 1024
+  c.data.synthetic.eval_seed = 0
   # Threads that read and augment training batches ahead of the step.
   c.data.prefetch_threads = 2
   # Batches prepared ahead of the step.

@@ -67,7 +67,8 @@ def test_resume_continues_bitwise(fake_data_dir, tmp_path, monkeypatch):
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(config, straight)
 
-  real_batches = train.input_pipeline.train_batches
+  from bigjax.data import input_pipeline
+  real_batches = input_pipeline.train_batches
   starts = []
 
   def dying_batches(*args, start_step, **kwargs):
@@ -78,7 +79,7 @@ def test_resume_continues_bitwise(fake_data_dir, tmp_path, monkeypatch):
         raise _Interrupted()
       yield batch
 
-  monkeypatch.setattr(train.input_pipeline, 'train_batches', dying_batches)
+  monkeypatch.setattr(input_pipeline, 'train_batches', dying_batches)
   resumed = str(tmp_path / 'resumed')
   with pytest.raises(_Interrupted):
     train.train_and_evaluate(config, resumed)
@@ -108,8 +109,12 @@ def test_state_params_are_unboxed_so_penalties_reach_every_kernel():
   from bigjax.models import transformer
   model = transformer.ViT(num_classes=10, patch_size=7, d_model=16,
                           num_layers=2, num_heads=2, mlp_dim=32)
+  from bigjax import tasks
+  from bigjax.data import input_pipeline
+  info = input_pipeline.DatasetInfo(10, tuple('abcdefghij'), (28, 28, 1), 1, 1)
+  task = tasks.Classification(None, info, losses.cross_entropy)
   state = train.create_train_state(jax.random.PRNGKey(0), model=model,
-                                   tx=optax.adam(1e-3), image_shape=(28, 28, 1))
+                                   tx=optax.adam(1e-3), task=task)
   leaves = jax.tree_util.tree_leaves_with_path(state.params)
   assert all(isinstance(x, jax.Array) for _, x in leaves)
   penalised = [jax.tree_util.keystr(p) for p, _ in leaves if losses.is_penalised(p)]
