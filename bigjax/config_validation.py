@@ -127,6 +127,8 @@ def validate(config) -> None:
               low=1)
   check_range('checkpoint.keep_latest', config.checkpoint.keep_latest, low=1)
   check_range('checkpoint.keep_best', config.checkpoint.keep_best, low=0)
+  check_range('nonfinite.max_consecutive', config.nonfinite.max_consecutive,
+              low=1)
   # Data.
   check_range('data.augment.crop_padding', config.data.augment.crop_padding,
               low=0)
@@ -139,3 +141,44 @@ def validate(config) -> None:
   for s in config.data.std:
     check_range('data.std', s, low=0.0, low_open=True)
 
+
+
+# Keys a resumed run may change freely: where arrays live, how often things
+# are logged, evaluated or saved, and what is drawn. Everything else changes
+# what is computed (model, data, loss, optimiser and schedule, seed, steps).
+_LAYOUT_AND_OUTPUT_KEYS = (
+    'mesh.', 'sharding_preset', 'sharding_rules', 'eval_every_steps',
+    'log_every_steps', 'checkpoint.', 'write_plots', 'progress_bar',
+    'eval_batch_size', 'data.tfds_data_dir', 'data.prefetch_',
+    'nonfinite.max_consecutive')
+
+
+def _flatten(tree, prefix='') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def computation_changes(saved: dict, requested: dict) -> list[str]:
+  """Dotted keys whose values differ in ways that change the computation.
+
+  Args:
+    saved, requested: configs as JSON-decoded dicts (tuples become lists in
+      both, so they compare equal).
+
+  Returns:
+    'key: saved -> requested' strings, sorted; empty if the run may resume.
+  """
+  saved, requested = _flatten(saved), _flatten(requested)
+  changes = []
+  for key in sorted(set(saved) | set(requested)):
+    if key.startswith(_LAYOUT_AND_OUTPUT_KEYS):
+      continue
+    before, after = saved.get(key, '<absent>'), requested.get(key, '<absent>')
+    if before != after:
+      changes.append(f'{key}: {before!r} -> {after!r}')
+  return changes

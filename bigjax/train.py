@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from bigjax import checkpointing
@@ -40,19 +43,23 @@ class TrainState:
   """Everything a run needs to continue exactly where it stopped.
 
   Attributes:
-    step: int32 [], the number of updates applied so far.
+    step: int32 [], the number of batches trained on so far (skipped,
+      non-finite updates included: the data position).
     params: the model's trainable parameters.
     model_state: the model's other variable collections (e.g. BatchNorm
       statistics, {'batch_stats': ...}); {} for models without any.
     opt_state: the optimiser's state.
     rng: uint32 [2], the run's base key; each step folds in its step number,
       so randomness depends only on (seed, step) and survives a resume.
+    nonfinite_streak: int32 [], how many steps in a row ended with a
+      non-finite loss or gradient (and so were skipped); 0 after a good one.
   """
   step: jax.Array
   params: Any
   model_state: Any
   opt_state: Any
   rng: jax.Array
+  nonfinite_streak: jax.Array
 
 
 def init_variables(rng, *, model: nn.Module, task):
@@ -69,7 +76,8 @@ def create_train_state(rng, *, model: nn.Module, tx, task) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     model_state=_model_state(variables),
-                    opt_state=tx.init(params), rng=run_rng)
+                    opt_state=tx.init(params), rng=run_rng,
+                    nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
 def _model_state(variables):
@@ -87,42 +95,70 @@ def _apply(model, params, model_state, inputs, *, train, rng=None):
                      rngs=rngs, mutable=list(model_state))
 
 
+def _all_finite(tree) -> jax.Array:
+  """bool []: whether every element of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
 def train_step(state: TrainState, batch, *, model: nn.Module,
                tx: optax.GradientTransformation, task,
-               l1: float, l2: float, schedule: optax.Schedule):
-  """One update on a global batch.
+               l1: float, l2: float, schedule: optax.Schedule,
+               nan_at_steps: tuple[int, ...] = ()):
+  """One update on a global batch, skipped if it is not finite.
+
+  A non-finite loss or gradient leaves parameters, optimizer state and model
+  state bitwise as they were (the step still advances: the batch is
+  consumed) and lengthens `nonfinite_streak`; the loop stops the run when the
+  streak reaches its limit. Unlike `optax.apply_if_finite`, no bad update is
+  ever applied.
 
   Args:
     state: the current TrainState (donated by the caller's jit).
     batch: a global batch in the task's format (e.g. {'image': float32
       [batch, H, W, C], 'label': int32 [batch]}).
     model, tx, task, l1, l2, schedule: bound with functools.partial.
+    nan_at_steps: step numbers (1-based, as logged) whose loss is made NaN,
+      to test the guard (`config.nonfinite.inject_nan_at_steps`).
 
   Returns:
     The new state and a flat dict of scalar metrics for this step.
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  # 1 normally, NaN at an injected step: multiplying makes the gradients NaN
+  # too, and x * 1.0 == x exactly otherwise.
+  poison = jnp.where(jnp.isin(state.step + 1, jnp.asarray(nan_at_steps,
+                                                          jnp.int32)),
+                     jnp.nan, 1.0)
 
   def objective(params):
     logits, model_state = _apply(model, params, state.model_state,
                                  task.model_inputs(batch), train=True, rng=rng)
     data_loss, task_metrics = task.loss(logits, batch)
+    data_loss = data_loss * poison
     penalty = losses.weight_penalty(params, l1=l1, l2=l2)
     return data_loss + penalty, (data_loss, penalty, task_metrics, model_state)
 
   grads, (data_loss, penalty, task_metrics, model_state) = jax.grad(
       objective, has_aux=True)(state.params)
+  finite = jnp.isfinite(data_loss) & jnp.isfinite(penalty) & _all_finite(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  keep_old = functools.partial(jax.tree.map,
+                               lambda new, old: jnp.where(finite, new, old))
   metrics = {
       'train/loss': data_loss,
       'train/penalty': penalty,
       **{f'train/{k}': v for k, v in task_metrics.items()},
       'train/grad_norm': optax.tree.norm(grads),
       'train/learning_rate': schedule(state.step),
+      'train/skipped': 1.0 - finite.astype(jnp.float32),
   }
-  new_state = state.replace(step=state.step + 1, params=params,
-                            model_state=model_state, opt_state=opt_state)
+  new_state = state.replace(
+      step=state.step + 1, params=keep_old(params, state.params),
+      model_state=keep_old(model_state, state.model_state),
+      opt_state=keep_old(opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
   return new_state, metrics
 
 
@@ -173,12 +209,47 @@ def total_train_steps(config, num_train_examples) -> int:
   return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
+CONFIG_FILE = 'config.json'
+
+
+def _config_json(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
+
+
+def check_config_drift(config, workdir: str, *, allow: bool) -> None:
+  """Refuses to resume a run under a config that computes something else.
+
+  Compares `config` with WORKDIR/config.json (the run's first config).
+  Layout and output keys (mesh, sharding, intervals, pictures) may change;
+  anything else raises UserError listing the differing keys, unless `allow`,
+  which logs them instead and keeps the old file as config.previous.json.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changes = config_validation.computation_changes(
+      saved, json.loads(_config_json(config)))
+  if not changes:
+    return
+  if not allow:
+    raise UserError(
+        f'{workdir} holds a run of another config ({"; ".join(changes)}): '
+        'use a new --workdir, or pass --allow_config_change to resume under '
+        'the new values')
+  logging.warning('Resuming %s under a changed config: %s', workdir,
+                  '; '.join(changes))
+  if jax.process_index() == 0:
+    os.replace(path, os.path.join(workdir, 'config.previous.json'))
+
+
 def _write_config(config, workdir):
   """Saves the resolved config as JSON; a resumed run keeps the first copy."""
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     with open(path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+      f.write(_config_json(config))
 
 
 def _write_pictures(workdir, *, step, task, sums, first_batch):
@@ -265,7 +336,7 @@ def state_shardings(exp: Experiment, abstract_state: TrainState, mesh,
       opt_state=sharding.specs_like_params(
           abstract_state.opt_state, abstract_state.params,
           variable_specs['params']),
-      rng=P())
+      rng=P(), nonfinite_streak=P())
   return sharding.named(mesh, specs)
 
 
@@ -314,14 +385,18 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
   return state, state_sharding
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
-  Everything is checked before anything is computed or written: a bad config
-  or missing data raises UserError and leaves the workdir untouched.
+  Everything is checked before anything is computed or written: a bad config,
+  missing data, or a workdir whose run used a config that computes something
+  else (see `check_config_drift`) raises UserError and leaves the workdir
+  untouched.
 
   Returns:
-    The metrics of the final evaluation (flat 'eval/...' dict).
+    The metrics of the final evaluation (flat 'eval/...' dict); {} when a
+    SIGTERM stopped the run early (after saving a checkpoint).
   """
   exp = build_experiment(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
@@ -329,6 +404,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh, rules, config.batch_size)
   eval_sharding = sharding.batch_sharding(
       mesh, rules, config.eval_batch_size, key='eval_batch_size')
+  check_config_drift(config, workdir, allow=allow_config_change)
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   state, state_sharding = init_or_restore(exp, config.seed, manager, mesh,
@@ -343,7 +419,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_fn = jax.jit(
       functools.partial(train_step, model=exp.model, tx=exp.tx,
                         task=exp.task, l1=config.loss.l1,
-                        l2=config.loss.l2, schedule=exp.schedule),
+                        l2=config.loss.l2, schedule=exp.schedule,
+                        nan_at_steps=tuple(
+                            config.nonfinite.inject_nan_at_steps)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
@@ -356,23 +434,76 @@ def train_and_evaluate(config, workdir: str) -> dict:
       evaluate, eval_fn=eval_fn, task=exp.task,
       eval_batch_size=config.eval_batch_size, batch_sharding=eval_sharding)
   try:
-    eval_metrics = _train_loop(
-        config, workdir, exp=exp, state=state, train_fn=train_fn,
-        run_eval=run_eval, manager=manager, batch_sharding=batch_sharding)
+    with _StopRequests() as stop:
+      eval_metrics = _train_loop(
+          config, workdir, exp=exp, state=state, train_fn=train_fn,
+          run_eval=run_eval, manager=manager, batch_sharding=batch_sharding,
+          stop=stop)
   finally:
     # Also on an exception: a save in flight completes (or fails loudly)
     # rather than being abandoned half-written.
     manager.wait_until_finished()
     manager.close()
+  if eval_metrics is None:
+    logging.info('Stopped by SIGTERM after saving; rerun the same command to '
+                 'resume')
+    return {}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(eval_metrics, f, indent=2, sort_keys=True)
   return eval_metrics
 
 
+def _stop_if_diverged(state, step: int, limit: int, manager) -> None:
+  """Raises UserError once `limit` steps in a row were non-finite."""
+  streak = int(jax.device_get(state.nonfinite_streak))
+  if streak < limit:
+    return
+  manager.wait_until_finished()
+  raise UserError(
+      f'stopped at step {step}: the last {streak} steps had a non-finite loss '
+      f'or gradient and were skipped (config.nonfinite.max_consecutive='
+      f'{limit}); the newest checkpoint (step {manager.latest_step()}) holds '
+      'the last good state. Lower the learning rate, clip gradients '
+      '(optimizer.grad_clip_norm) or check the data, then rerun to resume')
+
+
+class _StopRequests:
+  """Turns SIGTERM (a preemption notice) into a request to save and stop.
+
+  One process: a signal handler sets a flag, read after each step. Several:
+  JAX's preemption service (started by `jax.distributed.initialize`) sees
+  the notice on any host and makes every host agree on the step to stop at,
+  so they all save the same checkpoint.
+  """
+
+  def __enter__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM,
+                                     lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._event.is_set()
+
+
 def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
-                batch_sharding) -> dict:
-  """Steps from `state.step` to the end; returns the last eval metrics."""
+                batch_sharding, stop) -> Optional[dict]:
+  """Steps from `state.step` to the end.
+
+  Returns:
+    The last eval metrics, or None if `stop` asked to stop early (the state
+    is then saved at the step reached).
+  """
   num_steps = exp.num_steps
   start_step = int(jax.device_get(state.step))
   if start_step >= num_steps:
@@ -391,8 +522,16 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
       state, step_metrics = train_fn(
           state, sharding.global_batch(next(batches), batch_sharding))
       pending.append(step_metrics)
+      is_eval = step % config.eval_every_steps == 0 or step == num_steps
+      is_save = is_eval or step % config.checkpoint.save_every_steps == 0
+      is_log = step % config.log_every_steps == 0 or step == num_steps
+      if is_log or is_save:
+        # A host sync, so only at these steps; skipped updates never touch
+        # the state, so nothing bad reaches a checkpoint meanwhile.
+        _stop_if_diverged(state, step, config.nonfinite.max_consecutive,
+                          manager)
 
-      if step % config.log_every_steps == 0 or step == num_steps:
+      if is_log:
         now = time.perf_counter()
         summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
                    for k in pending[0]}
@@ -403,7 +542,6 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
                         examples_per_sec=summary['train/examples_per_sec'])
         pending, last_time = [], now
 
-      is_eval = step % config.eval_every_steps == 0 or step == num_steps
       if is_eval:
         eval_metrics, sums, first_batch = run_eval(state)
         writer.write(step, eval_metrics)
@@ -412,11 +550,18 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
         if config.write_plots and jax.process_index() == 0:
           _write_pictures(workdir, step=step, task=exp.task, sums=sums,
                           first_batch=first_batch)
-      if is_eval or step % config.checkpoint.save_every_steps == 0:
+      if is_save:
         checkpointing.save(manager, state,
                            metrics=eval_metrics if is_eval else None)
         # Evaluation and saving are not training throughput.
         last_time = time.perf_counter()
+      if stop.requested(step):
+        if not is_save:
+          _stop_if_diverged(state, step, config.nonfinite.max_consecutive,
+                            manager)
+          checkpointing.save(manager, state)
+        logging.warning('SIGTERM: saved step %d and stopping', step)
+        return None
   finally:
     writer.close()
     progress.close()

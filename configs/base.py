@@ -154,6 +154,15 @@ def get_config(arg=None):
   # tuple of names, or None (replicated).
   c.sharding_rules = ()
 
+  # ---- Non-finite guard ----------------------------------------------------
+  # A step whose loss or gradient is NaN/Inf is skipped (parameters and
+  # optimizer state untouched); max_consecutive skips in a row stop the run
+  # with an error, its newest checkpoint intact.
+  c.nonfinite = ml_collections.ConfigDict()
+  c.nonfinite.max_consecutive = 5
+  # Steps (1-based) whose loss is made NaN: a test of the guard.
+  c.nonfinite.inject_nan_at_steps = ()
+
   # ---- Checkpoints --------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   # Save every this many steps (and after every evaluation and at the end).

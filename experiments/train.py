@@ -37,6 +37,10 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None,
     'Directory for checkpoints, metrics, pictures and the resolved config. An '
     'existing run there is resumed.', required=True)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume a workdir even though the config now differs from its run\'s in '
+    'keys that change the computation (model, data, optimiser, seed, ...).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
     'Join a multi-process job whose cluster JAX detects (Cloud TPU, SLURM, '
@@ -69,7 +73,8 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
       auto=_DISTRIBUTED.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     cli.fail(str(e))
 
