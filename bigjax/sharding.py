@@ -329,11 +329,6 @@ def spec_text(spec: P, ndim: int) -> str:
                   for e in entries) or 'scalar'
 
 
-def path_text(path) -> str:
-  """A tree path as 'encoder/layers/mlp/wi/kernel'."""
-  return jax.tree_util.keystr(path, simple=True, separator='/')
-
-
 def _megabytes(n: int) -> str:
   return f'{n / 2**20:,.2f} MiB'
 
@@ -364,7 +359,7 @@ def report(mesh: Mesh, boxed_params, param_specs, parts: Mapping[str, Any]) -> s
     shard_bytes = math.prod(sharding.shard_shape(tuple(value.shape))) * (
         np.dtype(value.dtype).itemsize)
     rows.append((
-        path_text(path), 'x'.join(map(str, value.shape)) or 'scalar',
+        axes.path_text(path), 'x'.join(map(str, value.shape)) or 'scalar',
         ','.join(n or '-' for n in names) or 'scalar',
         spec_text(spec, len(value.shape)), f'{shard_bytes:,}'))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -35,6 +35,7 @@ from bigjax import optimizers
 from bigjax import sharding
 from bigjax import tasks
 from bigjax.errors import UserError
+from bigjax.models import axes
 from bigjax.models import param_counts
 
 
@@ -290,8 +291,16 @@ def build_experiment(config, workdir: Optional[str] = None) -> Experiment:
           f"'{config.data.name}') need {want}; set --config.model.{key}={want}")
   num_steps = total_train_steps(config, task.num_train_examples)
   schedule = optimizers.make_schedule(config.optimizer, num_steps)
+  model = model_cls(**model_kwargs)
+  if config.optimizer.frozen or config.optimizer.lr_multipliers:
+    params = nn.unbox(jax.eval_shape(
+        functools.partial(init_variables, model=model, task=task),
+        jax.random.PRNGKey(0)))['params']
+    optimizers.check_groups(config.optimizer, [
+        axes.path_text(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(params)])
   return Experiment(
-      task=task, model=model_cls(**model_kwargs),
+      task=task, model=model,
       tx=optimizers.make_optimizer(config.optimizer, schedule),
       schedule=schedule, num_steps=num_steps)
 

@@ -117,6 +117,11 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-4
   # Clip gradients to this global norm; 0 turns clipping off.
   c.optimizer.grad_clip_norm = 0.0
+  # Parameter groups (fine-tuning): regexes of parameter paths (e.g.
+  # 'encoder/.*', matched against whole paths as in sharding.txt) that are not
+  # trained, and (regex, factor) pairs scaling a group's learning rate.
+  c.optimizer.frozen = ()
+  c.optimizer.lr_multipliers = ()
 
   # ---- Training loop ------------------------------------------------------
   # Global batch size, summed over all devices and hosts; must divide by the

@@ -30,6 +30,7 @@ from bigjax import checkpointing  # noqa: E402
 from bigjax import metric_writers  # noqa: E402
 from bigjax import sharding  # noqa: E402
 from bigjax import train  # noqa: E402
+from bigjax.models import axes  # noqa: E402
 from tests import sharding_configs  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir.', required=True)
@@ -45,7 +46,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process.')
 
 
 def _with_paths(tree) -> list:
-  return [(sharding.path_text(path), leaf)
+  return [(axes.path_text(path), leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 

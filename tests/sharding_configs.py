@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax import sharding
+from bigjax.models import axes
 from bigjax.models import transformer
 from configs import cnn_fashion_mnist
 from configs import gru_fashion_mnist
@@ -76,7 +77,7 @@ def table(boxed_params) -> str:
   rows = []
   for (path, box), spec in zip(boxes, jax.tree.leaves(specs)):
     names = ','.join(n or '-' for n in box.names)
-    rows.append((sharding.path_text(path), names,
+    rows.append((axes.path_text(path), names,
                  sharding.spec_text(spec, len(box.names))))
   widths = [max(len(r[i]) for r in rows) for i in range(2)]
   header = (f'# {GOLDEN_PRESET} on mesh '

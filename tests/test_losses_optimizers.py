@@ -98,3 +98,43 @@ def test_grad_clipping_bounds_the_update():
   updates, _ = tx.update({'kernel': jnp.array([3.0, 4.0])}, tx.init(params),
                          params)
   np.testing.assert_allclose(updates['kernel'], [-0.6, -0.8], rtol=1e-6)
+
+
+def _grouped(frozen=(), lr_multipliers=(), name='adamw'):
+  opt = base.get_config().optimizer
+  opt.name, opt.learning_rate, opt.schedule = name, 0.1, 'constant'
+  opt.frozen, opt.lr_multipliers = frozen, lr_multipliers
+  return optimizers.make_optimizer(opt, optimizers.make_schedule(opt, 10))
+
+
+def test_parameter_groups_freeze_and_scale():
+  params = {'encoder': {'kernel': jnp.ones((2, 2))},
+            'head': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+            'other': {'kernel': jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda p: 0.3 * p, params)
+  tx = _grouped(frozen=('encoder/.*',), lr_multipliers=(('head/.*', 0.25),))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  plain = _grouped()
+  want, _ = plain.update(grads, plain.init(params), params)
+  np.testing.assert_array_equal(updates['encoder']['kernel'], 0.0)
+  np.testing.assert_allclose(updates['head']['kernel'],
+                             0.25 * want['head']['kernel'], rtol=1e-6)
+  np.testing.assert_allclose(updates['head']['bias'],
+                             0.25 * want['head']['bias'], rtol=1e-6)
+  np.testing.assert_array_equal(updates['other']['kernel'],
+                                want['other']['kernel'])
+  assert np.all(np.asarray(want['encoder']['kernel']) != 0)
+
+
+@pytest.mark.parametrize('frozen, multipliers, message', [
+    (('encodr/.*',), (), "pattern 'encodr/.*' matches no parameter"),
+    (('(',), (), "pattern '(' is not a regular expression"),
+    ((), (('head/.*', -1.0),), 'is not a (regex, factor >= 0) pair'),
+])
+def test_parameter_group_patterns_are_checked(frozen, multipliers, message):
+  from bigjax.errors import UserError
+  opt = base.get_config().optimizer
+  opt.frozen, opt.lr_multipliers = frozen, multipliers
+  with pytest.raises(UserError) as e:
+    optimizers.check_groups(opt, ['encoder/kernel', 'head/kernel'])
+  assert message in str(e.value) and '\n' not in str(e.value)

@@ -27,6 +27,7 @@ from bigjax import metric_writers
 from bigjax import sharding
 from bigjax import train
 from bigjax.errors import UserError
+from bigjax.models import axes
 from tests import sharding_configs
 from tests.conftest import ROOT
 
@@ -159,7 +160,7 @@ GOLDEN = ('cnn', 'resnet', 'lstm', 'gru', 'vit', 'decoder_lm',
 def test_golden_sharding_tables(name, fake_data_dir):
   """Every parameter is named, and resolves to the checked-in spec."""
   boxed = _boxed_params(name, fake_data_dir)
-  unnamed = [sharding.path_text(p) for p, leaf in
+  unnamed = [axes.path_text(p) for p, leaf in
              jax.tree_util.tree_leaves_with_path(boxed, is_leaf=sharding.is_box)
              if not sharding.is_box(leaf)]
   assert not unnamed, f'parameters without logical axis names: {unnamed}'
@@ -295,3 +296,25 @@ def test_two_processes_match_one_process(fake_data_dir, tmp_path):
   _assert_close(losses(tmp_path / 'two'), losses(tmp_path / 'one'))
   with open(tmp_path / 'two' / 'sharding.txt') as f:
     assert 'in 2 process(es)' in f.read()
+
+
+def test_grouped_optimizer_state_follows_its_parameters():
+  """multi_transform (frozen / scaled groups) nests states; specs still match."""
+  from configs import base
+  from bigjax import optimizers
+  opt = base.get_config().optimizer
+  opt.frozen, opt.lr_multipliers = ('embed/.*',), (('dense/bias', 0.5),)
+  tx = optimizers.make_optimizer(opt, optimizers.make_schedule(opt, 10))
+  params = {'dense': {'kernel': jnp.zeros((8, 4)), 'bias': jnp.zeros((4,))},
+            'embed': {'embedding': jnp.zeros((16, 8))}}
+  specs = {'dense': {'kernel': P('fsdp', 'tensor'), 'bias': P('tensor')},
+           'embed': {'embedding': P('tensor', 'fsdp')}}
+  opt_state = jax.eval_shape(tx.init, params)
+  got = sharding.specs_like_params(opt_state, params, specs)
+  by_shape = {}
+  for leaf, spec in zip(jax.tree.leaves(opt_state), jax.tree.leaves(
+      got, is_leaf=lambda x: isinstance(x, P))):
+    by_shape.setdefault(leaf.shape, set()).add(spec)
+  assert by_shape[(8, 4)] == {P('fsdp', 'tensor')}
+  assert by_shape[(4,)] == {P('tensor')}
+  assert (16, 8) not in by_shape  # Frozen: no optimizer state at all.

@@ -29,6 +29,7 @@ The vocabulary (shapes as the parameters have them):
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 
 # Every logical name a model may use; `bigjax.sharding` rejects rules that
 # name anything else (a typo would otherwise silently replicate).
@@ -52,3 +53,9 @@ def dense(features: int, names: tuple[Optional[str], Optional[str]], **kwargs):
       kernel_init=logical(nn.initializers.lecun_normal(), names),
       bias_init=logical(nn.initializers.zeros_init(), names[1:]),
       **kwargs)
+
+
+def path_text(path) -> str:
+  """A parameter's tree path as 'encoder/layers/mlp/wi/kernel', the form
+  reports, sharding tables and optimizer group patterns use."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
