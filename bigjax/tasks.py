@@ -18,6 +18,9 @@ from the config; nothing in a step branches on the config.
 
   classification  images -> one of N classes (Fashion-MNIST): accuracy, loss,
                   precision / recall / F1 per class and macro, confusion.
+  text_classification
+                  passages of text -> the work they come from (a downstream
+                  task for a fine-tuned language model): as classification.
   language_model  next-token prediction on a text stream (Shakespeare):
                   loss in nats per token, bits per token (per character for
                   the char tokenizer), perplexity, accuracy per token.
@@ -41,7 +44,7 @@ from bigjax.data import synthetic
 from bigjax.data import text
 from bigjax.errors import UserError
 
-TASKS = ('classification', 'language_model', 'seq2seq')
+TASKS = ('classification', 'text_classification', 'language_model', 'seq2seq')
 
 
 def _masked_mean(values, mask):
@@ -49,27 +52,16 @@ def _masked_mean(values, mask):
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Classification:
-  """Images [B, H, W, C] -> logits [B, num_classes]; batches carry 'image',
-  'label' and, for eval, 'mask' (0 for padding)."""
-  data_config: Any
-  info: input_pipeline.DatasetInfo
-  loss_fn: Callable
+class _Classifier:
+  """Shared by the classification tasks: one label per example.
 
-  @property
-  def num_train_examples(self) -> int:
-    return self.info.num_train_examples
+  Subclasses provide `num_classes`, `class_names`, `loss_fn` and
+  `model_inputs`.
+  """
 
   @property
   def model_kwargs(self) -> dict:
-    return {'num_classes': self.info.num_classes}
-
-  def dummy_inputs(self):
-    return jnp.zeros((1, *self.info.image_shape), jnp.float32)
-
-  def model_inputs(self, batch):
-    return batch['image']
+    return {'num_classes': self.num_classes}
 
   def loss(self, logits, batch):
     """Mean loss over the batch, and {'accuracy'}."""
@@ -85,15 +77,51 @@ class Classification:
         'loss_sum': jnp.sum(self.loss_fn(logits, batch['label']) * mask),
         'count': jnp.sum(mask),
         'confusion': metrics_lib.confusion_matrix(
-            batch['label'], predictions, self.info.num_classes, mask=mask),
+            batch['label'], predictions, self.num_classes, mask=mask),
         'predictions': predictions,
     }
 
   def eval_scalars(self, sums) -> dict[str, float]:
     report = metrics_lib.classification_report(sums['confusion'],
-                                               self.info.class_names)
+                                               self.class_names)
     report['loss'] = float(sums['loss_sum'] / sums['count'])
     return report
+
+  def _plot_confusion(self, pictures_dir, sums):
+    from bigjax import plots  # matplotlib only when drawing.
+    plots.plot_confusion_matrix(
+        sums['confusion'], os.path.join(pictures_dir, 'confusion_matrix.png'),
+        class_names=self.class_names)
+
+  def save_assets(self, workdir):
+    del workdir  # Nothing beyond the checkpoint describes the model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(_Classifier):
+  """Images [B, H, W, C] -> logits [B, num_classes]; batches carry 'image',
+  'label' and, for eval, 'mask' (0 for padding)."""
+  data_config: Any
+  info: input_pipeline.DatasetInfo
+  loss_fn: Callable
+
+  @property
+  def num_classes(self) -> int:
+    return self.info.num_classes
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.info.class_names
+
+  @property
+  def num_train_examples(self) -> int:
+    return self.info.num_train_examples
+
+  def dummy_inputs(self):
+    return jnp.zeros((1, *self.info.image_shape), jnp.float32)
+
+  def model_inputs(self, batch):
+    return batch['image']
 
   def train_batches(self, *, global_batch_size, seed, start_step):
     return input_pipeline.train_batches(
@@ -106,16 +134,59 @@ class Classification:
 
   def write_pictures(self, pictures_dir, *, sums, first_batch):
     from bigjax import plots  # matplotlib only when drawing.
-    plots.plot_confusion_matrix(
-        sums['confusion'], os.path.join(pictures_dir, 'confusion_matrix.png'),
-        class_names=self.info.class_names)
+    self._plot_confusion(pictures_dir, sums)
     plots.plot_predictions(
         first_batch['image'], first_batch['label'], first_batch['predictions'],
         os.path.join(pictures_dir, 'predictions.png'),
-        class_names=self.info.class_names)
+        class_names=self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextClassification(_Classifier):
+  """Passages int32 [B, L] -> logits [B, works]: which work is this from?
+
+  Every work of the training split is a class; its last
+  `data.passage_holdout` of text is the evaluation set (`text.passages`).
+  A downstream task for a character language model, fine-tuned.
+  """
+  data_config: Any
+  loss_fn: Callable
+  tokenizer: Any = None
+  data: Any = None  # text.Passages
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.data.names)
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.data.names
+
+  @property
+  def num_train_examples(self) -> int:
+    return sum(len(t) for t in self.data.train) // self.data.seq_len
+
+  def dummy_inputs(self):
+    return jnp.zeros((1, self.data.seq_len), jnp.int32)
+
+  def model_inputs(self, batch):
+    return batch['inputs']
+
+  def train_batches(self, *, global_batch_size, seed, start_step):
+    return text.passage_train_batches(
+        self.data, global_batch_size=global_batch_size, seed=seed,
+        start_step=start_step)
+
+  def eval_batches(self, *, global_batch_size):
+    return text.passage_eval_batches(self.data,
+                                     global_batch_size=global_batch_size)
+
+  def write_pictures(self, pictures_dir, *, sums, first_batch):
+    del first_batch
+    self._plot_confusion(pictures_dir, sums)
 
   def save_assets(self, workdir):
-    del workdir  # Nothing beyond the checkpoint describes the model.
+    _save_tokenizer(self.tokenizer, workdir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,10 +269,7 @@ class LanguageModel(_TokenTask):
                              global_batch_size=global_batch_size)
 
   def save_assets(self, workdir):
-    """Keeps the vocabulary beside the checkpoints (process 0)."""
-    path = os.path.join(workdir, text.TOKENIZER_FILE)
-    if jax.process_index() == 0 and not os.path.exists(path):
-      text.save_tokenizer(self.tokenizer, path)
+    _save_tokenizer(self.tokenizer, workdir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +337,21 @@ class Seq2Seq(_TokenTask):
     del workdir  # The task config (in config.json) defines the vocabulary.
 
 
+def _save_tokenizer(tokenizer, workdir):
+  """Keeps the vocabulary beside the checkpoints (process 0)."""
+  path = os.path.join(workdir, text.TOKENIZER_FILE)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    text.save_tokenizer(tokenizer, path)
+
+
+def _tokenizer(config, workdir):
+  """The run's tokenizer: its workdir's if resumed, else built from the data."""
+  has_tokenizer = workdir and os.path.exists(
+      os.path.join(workdir, text.TOKENIZER_FILE))
+  return text.load_or_build_tokenizer(config.data,
+                                      workdir if has_tokenizer else None)
+
+
 def make_task(config, loss_fn, workdir=None):
   """The task `config.task` names, with its data described (no batches yet).
 
@@ -279,12 +362,13 @@ def make_task(config, loss_fn, workdir=None):
     return Classification(config.data, input_pipeline.dataset_info(config.data),
                           loss_fn)
   if config.task == 'language_model':
-    has_tokenizer = workdir and os.path.exists(
-        os.path.join(workdir, text.TOKENIZER_FILE))
-    tokenizer = text.load_or_build_tokenizer(
-        config.data, workdir if has_tokenizer else None)
+    tokenizer = _tokenizer(config, workdir)
     return LanguageModel(config.data, loss_fn, tokenizer,
                          text.text_info(config.data, tokenizer))
+  if config.task == 'text_classification':
+    tokenizer = _tokenizer(config, workdir)
+    return TextClassification(config.data, loss_fn, tokenizer,
+                              text.passages(config.data, tokenizer))
   if config.task == 'seq2seq':
     synthetic.check_config(config.data.synthetic)
     return Seq2Seq(config.data, loss_fn)

@@ -22,8 +22,9 @@ def get_config(arg=None):
   c.seed = 0
 
   # What is learned, and so which data, loss and metrics (bigjax/tasks.py):
-  # 'classification' (images -> classes), 'language_model' (next token of a
-  # text) or 'seq2seq' (generated source -> target tasks).
+  # 'classification' (images -> classes), 'text_classification' (passages ->
+  # the work they come from), 'language_model' (next token of a text) or
+  # 'seq2seq' (generated source -> target tasks).
   c.task = 'classification'
 
   # ---- Data -------------------------------------------------------------
@@ -59,6 +60,9 @@ def get_config(arg=None):
   c.data.text_key = 'text'
   c.data.tokenizer = 'char'
   c.data.seq_len = 256
+  # Task 'text_classification': the last passage_holdout of each training
+  # work's text is its evaluation set.
+  c.data.passage_holdout = 0.1
   # Generated source -> target tasks (task 'seq2seq', bigjax/data/synthetic.py).
   c.data.synthetic = ml_collections.ConfigDict()
   # 'copy', 'reverse', 'sort' or 'addition' (a+b= -> digits of the sum).

@@ -564,3 +564,47 @@ def test_bad_synthetic_configs_are_one_line_errors():
   with pytest.raises(UserError) as excinfo:
     synthetic.train_batches(task_config('copy'), global_batch_size=0, seed=0)
   one_line_error(excinfo, 'Batch size 0 must be positive')
+
+
+# ---- Passages labelled by their work -------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def passages(fake_shakespeare_data_dir, tokenizer):
+  config = data_config(fake_shakespeare_data_dir, passage_holdout=0.25)
+  return text.passages(config, tokenizer)
+
+
+def test_passages_cut_each_training_work_once(passages, tokenizer):
+  works = conftest.fake_shakespeare_works()
+  assert passages.names == tuple(shakespeare_local.SPLIT_WORKS['train'])
+  for name, train, held in zip(passages.names, passages.train,
+                               passages.evaluation):
+    ids = tokenizer.encode(works[name])
+    np.testing.assert_array_equal(np.concatenate([train, held]), ids)
+    assert len(held) == len(ids) - int(len(ids) * 0.75)
+
+
+def test_training_passages_come_from_their_labelled_work(passages):
+  batch = next(text.passage_train_batches(passages, global_batch_size=64,
+                                          seed=3, start_step=5))
+  assert batch['inputs'].shape == (64, 32)
+  for window, label in zip(batch['inputs'], batch['label']):
+    assert len(find_window(passages.train[label], window)) > 0
+  # Classes are drawn uniformly, so many works appear in one batch.
+  assert len(set(batch['label'].tolist())) > 20
+  again = next(text.passage_train_batches(passages, global_batch_size=64,
+                                          seed=3, start_step=5))
+  assert_batches_equal([again], [batch])
+
+
+def test_eval_passages_cover_each_held_out_part_once(passages):
+  batches = list(text.passage_eval_batches(passages, global_batch_size=100))
+  real = [(w, label) for b in batches
+          for w, label, m in zip(b['inputs'], b['label'], b['mask']) if m]
+  for label, held in enumerate(passages.evaluation):
+    windows = [w for w, lab in real if lab == label]
+    assert len(windows) == len(held) // 32
+    np.testing.assert_array_equal(np.concatenate(windows),
+                                  held[:len(windows) * 32])
+  assert sum(b['mask'].sum() for b in batches) == len(real)

@@ -58,6 +58,7 @@ TOKENIZERS = ('char', 'byte')
 # Tag that keeps the window-offset stream apart from other streams derived
 # from the same config seed (input_pipeline uses 0 and 1 for images).
 _WINDOW_STREAM = 2
+_PASSAGE_STREAM = 3
 # Decoding writes this for UNK (U+FFFD REPLACEMENT CHARACTER).
 _REPLACEMENT = '\ufffd'
 
@@ -453,5 +454,107 @@ def eval_batches(data_config, *, tokenizer: Tokenizer, global_batch_size: int,
     windows = batch_index * global_batch_size + np.arange(
         local.start, local.stop)
     return _lm_batch(padded, windows * seq_len, seq_len, len(stream))
+
+  return map(load, range(num_batches))
+
+
+# ---- Passages labelled by their work -----------------------------------------
+#
+# A downstream task for fine-tuning a language model: which work is a passage
+# of `seq_len` characters from? Every work of the training split is a class.
+# Each work's token stream is cut once: its first (1 - passage_holdout) trains,
+# the rest evaluates, so evaluation passages are unseen text of known works.
+
+
+@dataclasses.dataclass(frozen=True)
+class Passages:
+  """Each work's training and evaluation token streams (int32 [n_i])."""
+  names: tuple[str, ...]
+  train: tuple[np.ndarray, ...]
+  evaluation: tuple[np.ndarray, ...]
+  seq_len: int
+
+
+def passages(data_config, tokenizer: Tokenizer) -> Passages:
+  """The works of config.data.train_split, each cut into train / eval parts.
+
+  Raises UserError if a part of some work is shorter than one passage.
+  """
+  split = data_config.train_split
+  builder = _prepared_builder(data_config)
+  input_pipeline._num_examples(builder, split)  # Checks the split name.
+  source = tfds.data_source(data_config.name, split=split,
+                            data_dir=data_config.tfds_data_dir, download=False)
+  holdout, seq_len = data_config.passage_holdout, data_config.seq_len
+  if not 0 < holdout < 1:
+    raise errors.UserError(f'config.data.passage_holdout = {holdout} must be '
+                           'in (0, 1).')
+  names, train, evaluation = [], [], []
+  for i in range(len(source)):
+    record = source[i]
+    name = record.get('name', str(i))
+    name = name.decode('utf-8') if isinstance(name, bytes) else str(name)
+    ids = tokenizer.encode(record[data_config.text_key].decode('utf-8'))
+    cut = int(len(ids) * (1 - holdout))
+    if min(cut, len(ids) - cut) < seq_len:
+      raise errors.UserError(
+          f'Work {name!r} is too short for passages of config.data.seq_len = '
+          f'{seq_len} with passage_holdout = {holdout}: lower seq_len.')
+    names.append(name)
+    train.append(ids[:cut].astype(np.int32))
+    evaluation.append(ids[cut:].astype(np.int32))
+  return Passages(tuple(names), tuple(train), tuple(evaluation), seq_len)
+
+
+def passage_train_batches(data: Passages, *, global_batch_size: int, seed: int,
+                          start_step: int = 0) -> Iterator[Batch]:
+  """Endless batches of random training passages, classes drawn uniformly.
+
+  Batch number `step` is a pure function of (seed, step), like every other
+  pipeline here; each process takes its slice of the global batch.
+
+  Returns:
+    Iterator of {'inputs': int32 [B / P, L], 'label': int32 [B / P]}.
+  """
+  local = input_pipeline._local_slice(global_batch_size)
+  lengths = np.array([len(t) for t in data.train])
+
+  def load(step: int) -> Batch:
+    rng = np.random.default_rng([seed, _PASSAGE_STREAM, step])
+    labels = rng.integers(0, len(data.names), size=global_batch_size)
+    starts = (rng.random(global_batch_size) *
+              (lengths[labels] - data.seq_len + 1)).astype(np.int64)
+    labels, starts = labels[local], starts[local]
+    inputs = np.stack([data.train[w][s:s + data.seq_len]
+                       for w, s in zip(labels, starts)])
+    return {'inputs': inputs.astype(np.int32), 'label': labels.astype(np.int32)}
+
+  return map(load, itertools.count(start_step))
+
+
+def passage_eval_batches(data: Passages, *,
+                         global_batch_size: int) -> Iterator[Batch]:
+  """Every non-overlapping passage of every work's evaluation part, once.
+
+  The last global batch is padded (mask 0), so all batches share one shape.
+
+  Returns:
+    Iterator of {'inputs': int32 [B / P, L], 'label': int32 [B / P],
+    'mask': float32 [B / P]}.
+  """
+  windows = [(w, s) for w, stream in enumerate(data.evaluation)
+             for s in range(0, len(stream) - data.seq_len + 1, data.seq_len)]
+  local = input_pipeline._local_slice(global_batch_size)
+  num_batches = -(-len(windows) // global_batch_size)
+
+  def load(batch_index: int) -> Batch:
+    rows = batch_index * global_batch_size + np.arange(local.start, local.stop)
+    inputs = np.zeros((len(rows), data.seq_len), np.int32)
+    labels = np.zeros(len(rows), np.int32)
+    mask = (rows < len(windows)).astype(np.float32)
+    for i, row in enumerate(rows[rows < len(windows)]):
+      w, s = windows[row]
+      inputs[i], labels[i] = data.evaluation[w][s:s + data.seq_len], w
+    return {'inputs': inputs, 'label': labels, 'mask': mask}
 
   return map(load, range(num_batches))
