@@ -461,3 +461,108 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
       f'no checkpoint in {directory} verifies ({names} damaged; see the '
       f'warnings above); move {directory} aside or use a new --workdir to '
       'start fresh')
+
+
+# ---- Parameters from another run (config.init_from) ---------------------------
+
+
+def load_params_from(workdir: str, params_target, patterns) -> dict[str, Any]:
+  """Parameters of another run's newest verified checkpoint, for fine-tuning.
+
+  Takes every parameter whose path ('blocks/layers/mlp/wi/kernel', as in
+  sharding.txt) fully matches one of `patterns`; each must exist in the
+  checkpoint with the same shape and dtype. Only those arrays are read
+  (Orbax partial restore), straight onto the target shardings, and each is
+  checked against its saved fingerprint. The source run is only read: a
+  damaged step there is skipped with a warning, not moved.
+
+  Args:
+    workdir: the source run's directory.
+    params_target: this run's parameters as ShapeDtypeStructs with shardings.
+    patterns: regexes of parameter paths to take.
+
+  Returns:
+    {path: array} of the parameters taken.
+
+  Raises:
+    UserError: no verified checkpoint there, a pattern that matches nothing,
+      or a parameter missing or shaped differently in the checkpoint.
+  """
+  import re  # Local: only fine-tuning needs it.
+  from bigjax.models import axes
+  leaves = jax.tree_util.tree_leaves_with_path(params_target)
+  targets = {axes.path_text(p): (p, x) for p, x in leaves}
+  for pattern in patterns:
+    if not any(re.fullmatch(pattern, t) for t in targets):
+      raise UserError(
+          f'config.init_from.params pattern {pattern!r} matches no parameter of '
+          f'this model; paths look like {", ".join(sorted(targets)[:3])}, ...')
+  taken = {t: v for t, v in targets.items()
+           if any(re.fullmatch(p, t) for p in patterns)}
+  directory = checkpoint_dir(workdir)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  if not os.path.isdir(directory):
+    raise UserError(f'config.init_from.workdir={workdir} has no checkpoints '
+                    f'({directory} is missing); train that run first')
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return _load_params_at(manager, step, taken)
+      except _Damaged as e:
+        logging.warning('init_from: skipping checkpoint step %d in %s: %s',
+                        step, directory, e)
+  raise UserError(f'config.init_from.workdir={workdir} holds no checkpoint '
+                  f'that verifies ({directory}); train that run first')
+
+
+def _load_params_at(manager, step: int, taken) -> dict[str, Any]:
+  """`taken` ({path: (tree path, target)}) read from step `step`, verified."""
+  record = _read_record(manager, step)
+  saved = record['arrays']
+  item, keys = {}, {}
+  for text, (path, target) in taken.items():
+    key = '.params' + jax.tree_util.keystr(path)
+    entry = saved.get(key)
+    if entry is None:
+      raise UserError(f'config.init_from: parameter {text} is not in the '
+                      f'checkpoint at step {step} of {manager.directory}')
+    if (entry['shape'], entry['dtype']) != (list(target.shape),
+                                            str(target.dtype)):
+      raise UserError(
+          f'config.init_from: parameter {text} is {entry["dtype"]}'
+          f'{entry["shape"]} in the checkpoint but {target.dtype}'
+          f'{list(target.shape)} in this model; narrow config.init_from.params')
+    keys[text] = key
+    node = item.setdefault('params', {})
+    for k in path[:-1]:
+      node = node.setdefault(k.key, {})
+    node[path[-1].key] = target
+  state_dir = os.path.join(str(manager.directory), str(step), STATE_ITEM)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        epath.Path(state_dir), args=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=jax.tree.map(
+                lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), item)))
+  except (MemoryError, UserError):
+    raise
+  except Exception as e:  # Orbax raises many types for damaged files.
+    raise _Damaged(f'restoring {state_dir} raised {_first_line(e)}') from e
+  arrays = {text: _get(restored['params'], path)
+            for text, (path, _) in taken.items()}
+  actual = array_fingerprints(arrays)
+  bad = [t for t in taken
+         if actual[jax.tree_util.keystr((jax.tree_util.DictKey(t),))]
+         != saved[keys[t]]['fingerprint']]
+  if bad:
+    raise _Damaged(f'{len(bad)} parameters differ from their saved '
+                   f'fingerprints: {", ".join(bad[:_LIST_AT_MOST])}')
+  logging.info('init_from: took %d parameters from step %d of %s', len(arrays),
+               step, manager.directory)
+  return arrays
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree

@@ -345,11 +345,12 @@ def _save_tokenizer(tokenizer, workdir):
 
 
 def _tokenizer(config, workdir):
-  """The run's tokenizer: its workdir's if resumed, else built from the data."""
-  has_tokenizer = workdir and os.path.exists(
-      os.path.join(workdir, text.TOKENIZER_FILE))
-  return text.load_or_build_tokenizer(config.data,
-                                      workdir if has_tokenizer else None)
+  """The run's tokenizer: its workdir's if resumed, else that of the run it
+  is initialised from (the ids of its embeddings), else built from the data."""
+  for source in (workdir, config.init_from.workdir):
+    if source and os.path.exists(os.path.join(source, text.TOKENIZER_FILE)):
+      return text.load_or_build_tokenizer(config.data, source)
+  return text.load_or_build_tokenizer(config.data, None)
 
 
 def make_task(config, loss_fn, workdir=None):

@@ -360,8 +360,15 @@ def layout_report(exp: Experiment, abstract_state: TrainState, shardings,
 
 
 def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
-                    workdir: Optional[str] = None):
-  """The train state, restored from `manager`'s newest checkpoint or fresh.
+                    workdir: Optional[str] = None, init_from=None):
+  """The train state: where a run starts, in this order.
+
+  1. `manager`'s newest checkpoint that verifies (this run, resumed);
+  2. else, if `init_from.workdir` is set, a fresh state whose parameters
+     matching `init_from.params` come from that run's newest verified
+     checkpoint (fine-tuning: the rest of the parameters and the optimizer
+     state start fresh);
+  3. else a fresh state from `seed`.
 
   Shapes first (`jax.eval_shape`), then shardings, then a jitted init whose
   outputs are born on their devices (no device ever holds a full copy of a
@@ -387,8 +394,16 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
       abstract_state, state_sharding)
   state = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
-    logging.info('Starting fresh')
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    if init_from is not None and init_from.workdir:
+      taken = checkpointing.load_params_from(
+          init_from.workdir, abstract_state.params, init_from.params)
+      state = state.replace(params=jax.tree_util.tree_map_with_path(
+          lambda path, x: taken.get(axes.path_text(path), x), state.params))
+      logging.info('Starting from %d parameters of %s, the rest fresh',
+                   len(taken), init_from.workdir)
+    else:
+      logging.info('Starting fresh')
   else:
     logging.info('Resumed from step %d', int(jax.device_get(state.step)))
   return state, state_sharding
@@ -417,7 +432,7 @@ def train_and_evaluate(config, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
   state, state_sharding = init_or_restore(exp, config.seed, manager, mesh,
-                                          rules, workdir)
+                                          rules, workdir, config.init_from)
   if jax.process_index() == 0:
     _write_config(config, workdir)
   exp.task.save_assets(workdir)

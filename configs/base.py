@@ -163,6 +163,15 @@ def get_config(arg=None):
   # tuple of names, or None (replicated).
   c.sharding_rules = ()
 
+  # ---- Initialisation from another run (fine-tuning) ----------------------
+  # When this run has no checkpoint of its own: take the parameters whose
+  # paths (as in sharding.txt) fully match one of `params` from the newest
+  # verified checkpoint of the run in `workdir`; the other parameters and the
+  # optimiser state start fresh. A text run also reuses that run's tokenizer.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ml_collections.config_dict.placeholder(str)
+  c.init_from.params = ('.*',)
+
   # ---- Non-finite guard ----------------------------------------------------
   # A step whose loss or gradient is NaN/Inf is skipped (parameters and
   # optimizer state untouched); max_consecutive skips in a row stop the run

@@ -9,8 +9,9 @@ of (simulated) devices is fixed when JAX starts:
 
 For each model it trains 10 steps through `train.train_and_evaluate` on the
 given mesh, then reads back the actual `.sharding.spec` of every parameter
-(after a fresh jitted init, and after restoring the last checkpoint) and the
-bytes each device holds. With --bytes it also initialises each model fully
+(after a fresh jitted init, and after restoring the last checkpoint, whose
+whole state it also writes to ROOT/NAME_MESH_PRESET.npz) and the bytes each
+device holds. With --restore_only it just restores and writes those. With --bytes it also initialises each model fully
 sharded over all devices ('fsdp' preset, fsdp=N) and replicated, and reports
 the largest per-device bytes of each. Results go to one JSON file.
 """
@@ -25,8 +26,8 @@ import os  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from bigjax import checkpointing  # noqa: E402
 from bigjax import metric_writers  # noqa: E402
 from bigjax import sharding  # noqa: E402
 from bigjax import train  # noqa: E402
@@ -40,6 +41,9 @@ _MESH = flags.DEFINE_string('mesh', '-1,1,1', 'data,fsdp,tensor sizes.')
 _PRESET = flags.DEFINE_string('preset', 'fsdp_tensor', 'Sharding preset.')
 _MODELS = flags.DEFINE_list('models', 'cnn,lstm,vit', 'sharding_configs names.')
 _BYTES = flags.DEFINE_bool('bytes', False, 'Also measure FSDP vs replicated.')
+_RESTORE_ONLY = flags.DEFINE_bool(
+    'restore_only', False, 'Only restore each model\'s final checkpoint from '
+    'ROOT/NAME (written by an earlier run, on any mesh) onto --mesh.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process.')
@@ -66,16 +70,10 @@ def max_device_bytes(tree) -> int:
   return max(per_device.values())
 
 
-def fresh_state(config, workdir):
-  """A freshly initialised, sharded state for `config` (no checkpoint read)."""
-  exp = train.build_experiment(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  manager = checkpointing.make_manager(workdir, config.checkpoint)
-  try:
-    return train.init_or_restore(exp, config.seed, manager, mesh, rules)
-  finally:
-    manager.close()
+def save_state(state, path) -> None:
+  """The whole state as NumPy arrays (gathered), keyed by tree path."""
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+  np.savez(path, **{axes.path_text(p): np.asarray(x) for p, x in leaves})
 
 
 def main(argv):
@@ -90,13 +88,22 @@ def main(argv):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
     config.sharding_preset = _PRESET.value
     workdir = os.path.join(_ROOT.value, name)
+    tag = f'{data}x{fsdp}x{tensor}_{_PRESET.value}'
+    if _RESTORE_ONLY.value:
+      state, _ = sharding_configs.fresh_state(config, workdir)
+      results['models'][name] = {'step': int(jax.device_get(state.step)),
+                                 'restored_specs': actual_specs(state.params)}
+      save_state(state, os.path.join(_ROOT.value, f'{name}_{tag}.npz'))
+      continue
     # Before training: the jitted init's outputs, born sharded.
-    state, _ = fresh_state(config, os.path.join(_ROOT.value, name + '_init'))
+    state, _ = sharding_configs.fresh_state(
+        config, os.path.join(_ROOT.value, name + '_init'))
     init_specs = actual_specs(state.params)
     train.train_and_evaluate(config, workdir)
     # After training: the final checkpoint restored onto the same layout.
-    state, shardings = fresh_state(config, workdir)
+    state, shardings = sharding_configs.fresh_state(config, workdir)
     history = metric_writers.read_history(workdir)
+    save_state(state, os.path.join(_ROOT.value, f'{name}_{tag}.npz'))
     results['models'][name] = {
         'losses': [r['train/loss'] for r in history if 'train/loss' in r],
         'step': int(jax.device_get(state.step)),
@@ -112,7 +119,7 @@ def main(argv):
       for preset, mesh in (('fsdp', (1, -1, 1)), ('data_parallel', (-1, 1, 1))):
         config.sharding_preset = preset
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
-        state, _ = fresh_state(
+        state, _ = sharding_configs.fresh_state(
             config, os.path.join(_ROOT.value, f'{name}_{preset}'))
         layouts[preset] = max_device_bytes(
             {'params': state.params, 'opt_state': state.opt_state})

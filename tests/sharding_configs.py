@@ -10,7 +10,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from bigjax import checkpointing
 from bigjax import sharding
+from bigjax import train
 from bigjax.models import axes
 from bigjax.models import transformer
 from configs import cnn_fashion_mnist
@@ -62,6 +64,19 @@ def sequence_models():
       'encoder_decoder': (transformer.EncoderDecoder(**lm),
                           ({'src': tokens, 'tgt': tokens},)),
   }
+
+
+def fresh_state(config, workdir):
+  """The sharded state for `config`: `workdir`'s newest checkpoint restored,
+  or a fresh init. Returns (state, its shardings)."""
+  exp = train.build_experiment(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  manager = checkpointing.make_manager(workdir, config.checkpoint)
+  try:
+    return train.init_or_restore(exp, config.seed, manager, mesh, rules)
+  finally:
+    manager.close()
 
 
 def golden_path(name: str) -> str:

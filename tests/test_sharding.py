@@ -17,6 +17,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -235,7 +236,7 @@ def eight_devices(fake_data_dir, tmp_path_factory):
                '--preset=fsdp_tensor', f'--models={",".join(MODELS)}',
                '--bytes'], devices=8))
   with open(out) as f:
-    return json.load(f)
+    return dict(json.load(f), root=str(root), data=fake_data_dir)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -254,6 +255,40 @@ def test_eight_device_mesh_matches_one_device(name, eight_devices,
   assert run['restored_specs'] == golden   # And restored onto the same layout.
   assert any('tensor' in s for s in golden.values())
   assert any('fsdp' in s for s in golden.values())
+
+
+def _load(path):
+  with np.load(path) as f:
+    return dict(f)
+
+
+def test_checkpoints_restore_onto_other_meshes(eight_devices, tmp_path):
+  """Saved from (data=2, fsdp=2, tensor=2): restored on one device, and on
+  (fsdp=8) and (data=2, tensor=4) meshes, the whole state is bit-identical."""
+  root = eight_devices['root']
+  out = tmp_path / 'restore.json'
+  for mesh, preset in (('1,8,1', 'fsdp'), ('2,1,4', 'fsdp_tensor')):
+    _check(_run(['tests.sharded_runs', f'--data_dir={eight_devices["data"]}',
+                 f'--root={root}', f'--out={out}', f'--mesh={mesh}',
+                 f'--preset={preset}', f'--models={",".join(MODELS)}',
+                 '--restore_only'], devices=8))
+  for name in MODELS:
+    saved = _load(os.path.join(root, f'{name}_2x2x2_fsdp_tensor.npz'))
+    config = sharding_configs.get_config(name, eight_devices['data'])
+    config.mesh.data = 1
+    one_device = {
+        axes.path_text(p): np.asarray(x) for p, x in
+        jax.tree_util.tree_leaves_with_path(jax.device_get(
+            sharding_configs.fresh_state(config, os.path.join(root, name))[0]))}
+    for tag in ('1x8x1_fsdp', '2x1x4_fsdp_tensor'):
+      other = _load(os.path.join(root, f'{name}_{tag}.npz'))
+      assert other.keys() == saved.keys()
+      for key in saved:
+        np.testing.assert_array_equal(other[key], saved[key], err_msg=key)
+    assert one_device.keys() == saved.keys()
+    for key in saved:
+      np.testing.assert_array_equal(one_device[key], saved[key], err_msg=key)
+    assert int(saved['step']) == 10
 
 
 @pytest.mark.parametrize('name', MODELS)
