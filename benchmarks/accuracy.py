@@ -14,10 +14,8 @@ from bigjax import platform
 
 platform.set_cpu_xla_flags()
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -33,34 +31,10 @@ _CONFIGS = flags.DEFINE_multi_string(
 _ROOT = flags.DEFINE_string('root', '/tmp/bigjax_benchmarks',
                             'Parent folder of the benchmark workdirs.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the records here.')
-MARKER = '.benchmark_workdir'
-
-
-def _fresh_workdir(path):
-  """An empty workdir; only ever deletes one this benchmark created."""
-  if os.path.exists(path):
-    if not os.path.exists(os.path.join(path, MARKER)):
-      raise SystemExit(f'{path} exists and is not a benchmark workdir; '
-                       'pass another --root')
-    shutil.rmtree(path)
-  os.makedirs(path)
-  open(os.path.join(path, MARKER), 'w').close()
-  return path
-
-
-def _load(path):
-  """Loads a config file the way --config does: FILE[:VARIANT]."""
-  file, _, arg = path.partition(':')
-  spec = importlib.util.spec_from_file_location('benchmarked_config', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def benchmark(config_path: str) -> dict:
-  config = _load(config_path)
+  config = report.load_config(config_path)
   name = os.path.basename(config_path).replace('.py', '').replace(':', '_')
-  workdir = _fresh_workdir(os.path.join(_ROOT.value, name))
+  workdir = report.fresh_workdir(os.path.join(_ROOT.value, name))
   exp = train.build_experiment(config)
   counts = train.parameter_counts(exp)
   start = time.perf_counter()

@@ -150,7 +150,7 @@ _LAYOUT_AND_OUTPUT_KEYS = (
     'mesh.', 'sharding_preset', 'sharding_rules', 'eval_every_steps',
     'log_every_steps', 'checkpoint.', 'write_plots', 'progress_bar',
     'eval_batch_size', 'data.tfds_data_dir', 'data.prefetch_',
-    'nonfinite.max_consecutive')
+    'nonfinite.max_consecutive', 'samples.')
 
 
 def _flatten(tree, prefix='') -> dict:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from bigjax import metrics as metrics_lib
 from bigjax.data import input_pipeline
@@ -95,6 +96,9 @@ class _Classifier:
 
   def save_assets(self, workdir):
     del workdir  # Nothing beyond the checkpoint describes the model.
+
+  def write_samples(self, workdir, *, step, model, params, samples_config):
+    del workdir, step, model, params, samples_config  # Nothing to generate.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +228,9 @@ class _TokenTask:
   def write_pictures(self, pictures_dir, *, sums, first_batch):
     del pictures_dir, sums, first_batch  # Curves only (drawn by the loop).
 
+  def write_samples(self, workdir, *, step, model, params, samples_config):
+    del workdir, step, model, params, samples_config  # See LanguageModel.
+
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModel(_TokenTask):
@@ -270,6 +277,28 @@ class LanguageModel(_TokenTask):
 
   def save_assets(self, workdir):
     _save_tokenizer(self.tokenizer, workdir)
+
+  def write_samples(self, workdir, *, step, model, params, samples_config):
+    """Appends a sampled continuation of `samples_config.prompt` to
+    WORKDIR/samples.txt (and the log): what the model writes, as it learns.
+
+    Every process computes it (a global computation); process 0 writes.
+    """
+    if samples_config.num_tokens <= 0:
+      return
+    from bigjax import decoding  # Only language models decode.
+    prompt = np.concatenate([[text.BOS_ID], self.tokenizer.encode(
+        samples_config.prompt)]).astype(np.int32)[None]
+    tokens = decoding.sample(
+        model, params, jnp.asarray(prompt), jax.random.key(step),
+        max_new_tokens=samples_config.num_tokens,
+        temperature=samples_config.temperature)
+    sample = samples_config.prompt + self.tokenizer.decode(
+        np.asarray(jax.device_get(tokens))[0])
+    logging.info('Sample at step %d: %r', step, sample[:200])
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
+        f.write(f'==== step {step} ====\n{sample}\n')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -574,6 +574,9 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
         if config.write_plots and jax.process_index() == 0:
           _write_pictures(workdir, step=step, task=exp.task, sums=sums,
                           first_batch=first_batch)
+        exp.task.write_samples(workdir, step=step, model=exp.model,
+                               params=state.params,
+                               samples_config=config.samples)
       if is_save:
         checkpointing.save(manager, state,
                            metrics=eval_metrics if is_eval else None)

@@ -190,6 +190,15 @@ def get_config(arg=None):
   c.checkpoint.keep_latest = 2
   c.checkpoint.keep_best = 1
 
+  # ---- Samples (language models) -------------------------------------------
+  # At each evaluation a language model continues `prompt` by num_tokens
+  # sampled tokens (temperature), appended to WORKDIR/samples.txt and the
+  # log; 0 tokens turns it off.
+  c.samples = ml_collections.ConfigDict()
+  c.samples.num_tokens = 200
+  c.samples.prompt = '\n'
+  c.samples.temperature = 0.8
+
   # ---- Outputs ------------------------------------------------------------
   # Write PNGs (curves, predictions, confusion matrix) at each evaluation.
   c.write_plots = True

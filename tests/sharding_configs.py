@@ -14,6 +14,7 @@ from bigjax import checkpointing
 from bigjax import sharding
 from bigjax import train
 from bigjax.models import axes
+from bigjax.models import recurrent
 from bigjax.models import transformer
 from configs import cnn_fashion_mnist
 from configs import gru_fashion_mnist
@@ -61,7 +62,19 @@ def sequence_models():
       'decoder_lm': (transformer.DecoderLM(**lm), (tokens,)),
       'decoder_lm_untied': (transformer.DecoderLM(**lm, tie_embeddings=False),
                             (tokens,)),
+      'lm_classifier': (transformer.DecoderClassifier(**lm, num_classes=36),
+                        (tokens,)),
       'encoder_decoder': (transformer.EncoderDecoder(**lm),
+                          ({'src': tokens, 'tgt': tokens},)),
+      # Tied through an output projection (hidden 16 -> embedding 8).
+      'rnn_lm': (recurrent.RNNLM(vocab_size=70, hidden_size=16, num_layers=2,
+                                 embedding_dim=8, tie_embeddings=True),
+                 (tokens,)),
+      'rnn_seq2seq': (recurrent.RNNSeq2Seq(vocab_size=70, hidden_size=16,
+                                           attention='additive'),
+                      ({'src': tokens, 'tgt': tokens},)),
+      'rnn_seq2seq_dot': (recurrent.RNNSeq2Seq(vocab_size=70, cell='gru',
+                                               hidden_size=16, attention='dot'),
                           ({'src': tokens, 'tgt': tokens},)),
   }
 

@@ -21,6 +21,9 @@ from bigjax.data import input_pipeline
 from bigjax.errors import UserError
 from configs import base
 from tests import conftest
+from tests.train_utils import assert_batches_equal
+from tests.train_utils import simulate_processes
+from tests.train_utils import take
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 
@@ -57,21 +60,6 @@ def example_ids(batch, config, split='train'):
                    for x in raw_pixels(batch['image'], config)])
 
 
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(got, want):
-  assert len(got) == len(want)
-  for g, w in zip(got, want):
-    assert g.keys() == w.keys()
-    for k in g:
-      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
-
-
-def simulate_processes(monkeypatch, count, index):
-  monkeypatch.setattr(jax, 'process_count', lambda: count)
-  monkeypatch.setattr(jax, 'process_index', lambda: index)
 
 
 # ---- The builder -------------------------------------------------------------

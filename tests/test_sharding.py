@@ -154,7 +154,8 @@ def _boxed_params(name, data_dir):
 
 
 GOLDEN = ('cnn', 'resnet', 'lstm', 'gru', 'vit', 'decoder_lm',
-          'decoder_lm_untied', 'encoder_decoder')
+          'decoder_lm_untied', 'encoder_decoder', 'lm_classifier', 'rnn_lm',
+          'rnn_seq2seq', 'rnn_seq2seq_dot')
 
 
 @pytest.mark.parametrize('name', GOLDEN)

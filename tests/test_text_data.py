@@ -23,6 +23,9 @@ from bigjax.data import synthetic
 from bigjax.data import text
 from bigjax.errors import UserError
 from tests import conftest
+from tests.train_utils import assert_batches_equal
+from tests.train_utils import simulate_processes
+from tests.train_utils import take
 
 HELD_OUT = shakespeare_local.VALIDATION_WORKS + shakespeare_local.TEST_WORKS
 
@@ -55,23 +58,6 @@ def find_window(stream, window):
   """Every start s with stream[s:s + len(window)] == window."""
   views = np.lib.stride_tricks.sliding_window_view(stream, len(window))
   return np.flatnonzero((views == window).all(axis=1))
-
-
-def simulate_processes(monkeypatch, count, index):
-  monkeypatch.setattr(jax, 'process_count', lambda: count)
-  monkeypatch.setattr(jax, 'process_index', lambda: index)
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(got, want):
-  assert len(got) == len(want)
-  for g, w in zip(got, want):
-    assert g.keys() == w.keys()
-    for k in g:
-      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 
 def one_line_error(excinfo, *fragments):

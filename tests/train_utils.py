@@ -1,6 +1,7 @@
 """Helpers several test files share."""
 
 import jax
+import numpy as np
 import optax
 
 
@@ -28,3 +29,22 @@ def adam_losses(model, params, images, labels, *, steps: int, lr=1e-2):
     params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(i))
     losses.append(float(loss))
   return losses
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(got, want):
+  """Two lists of batches (dicts of arrays) are equal, key by key."""
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for k in g:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def simulate_processes(monkeypatch, count, index):
+  """Makes this process look like process `index` of `count`."""
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+  monkeypatch.setattr(jax, 'process_index', lambda: index)

@@ -22,7 +22,7 @@ not to read.
 """
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -270,6 +270,71 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
   return (out, weights) if return_weights else out
 
 
+class DecodeMasks(NamedTuple):
+  """Where one decode call writes its keys and values, and what it sees.
+
+  A decoding model builds it once per call (`transformer.decode_masks`) and
+  every self-attention layer uses it. The call's n tokens go to cache slots
+  slot .. slot + n - 1 of every row (one slot counter for the batch, so a
+  layer's write is one in-place dynamic_update_slice); rows of different
+  lengths differ in which slots hold real tokens, not in where they write.
+
+  Attributes:
+    slot: int32 [], where this call's keys and values go.
+    visible: bool [batch, n, cache_len], the slots each of the call's
+      queries may see: real tokens up to its own (its own included).
+  """
+  slot: jax.Array
+  visible: jax.Array
+
+
+def cache_layout(k, v):
+  """Keys and values [batch, length, kv_heads, head_dim] as a decode cache
+  stores them: keys [batch, kv_heads, head_dim, length], values [batch,
+  kv_heads, length, head_dim].
+
+  In both the axis `cached_attention` sums over for one query (head_dim for
+  the scores, length for the output) is the second-minor one, which XLA
+  reads in stored order; other layouts made it copy or transpose the whole
+  cache every step (measured on CPU: 2-5 times the attention's own time).
+  """
+  return k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+
+def cached_attention(q, k, v, visible):
+  """Attention of a decode call's queries over a cache (`cache_layout`).
+
+  Args:
+    q: [batch, q_len, heads, head_dim].
+    k: [batch, kv_heads, head_dim, kv_len].
+    v: [batch, kv_heads, kv_len, head_dim].
+    visible: bool [batch, q_len, kv_len], True where a query may attend.
+
+  Returns:
+    [batch, q_len, heads, head_dim] (zeros for a query that sees nothing)
+    and the weights [batch, heads, q_len, kv_len].
+  """
+  b, t, n, d = q.shape
+  kv_heads = k.shape[1]
+  qg = _group_queries(q, kv_heads).transpose(0, 2, 3, 1, 4) * (d ** -0.5)
+  # One query (a decode step) is a matrix-vector product. As a multiply
+  # and a sum XLA streams the cache once; as a dot it first re-lays the
+  # cache out (cache_layout). A prompt's block of queries is a real matmul.
+  if t == 1:
+    logits = jnp.sum(qg[..., None] * k[:, :, None, None], axis=-2)
+  else:
+    logits = jnp.einsum('bkgtd,bkds->bkgts', qg, k)
+  mask = visible[:, None, None]  # [b, 1, 1, t, s]: every head alike.
+  weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _MASKED),
+                                           axis=-1), 0.0)
+  if t == 1:
+    out = jnp.sum(weights[..., None] * v[:, :, None, None], axis=-2)
+  else:
+    out = jnp.einsum('bkgts,bksd->bkgtd', weights, v)
+  return (out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d),
+          weights.reshape(b, n, t, -1))
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (or grouped-/multi-query) attention with its projections.
 
@@ -277,6 +342,23 @@ class MultiHeadAttention(nn.Module):
   'value': kernels [embed, heads, head_dim]; 'out': [heads, head_dim, embed]),
   so weights move between the two unchanged; 'key' and 'value' have
   num_kv_heads heads.
+
+  Decoding keeps keys and values in the 'cache' collection (which must be
+  mutable), batch-first (beam search reorders rows with one gather) in
+  `cache_layout`, and attends with `cached_attention` whatever `kernel`
+  says (the kernels differ in how they hold long query blocks; a decode
+  step has one query):
+    * self-attention, given `decode_masks`: 'cached_key' and 'cached_value'
+      (`cache_layout`), created (zeros) by the first decode call, as long
+      as decode_masks.visible. Each call writes its keys and values at
+      decode_masks.slot and attends over the cache. So a prompt of n tokens
+      is one call and each new token one more; the caller sizes the cache
+      (a write past its end would be clamped to it).
+    * cross-attention, with `decode=True`: the first call (with x_kv)
+      caches the projected 'cached_key', 'cached_value' (`cache_layout`,
+      kv_len long) and 'cached_kv_valid' [batch, kv_len]; later calls pass
+      `kv_from_cache=True` and x_kv=None, so the encoder's keys and values
+      are computed once.
 
   Attributes:
     num_heads: query heads.
@@ -303,25 +385,35 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x_q, x_kv=None, *, mask=None, is_causal: bool = False,
                q_valid=None, kv_valid=None, train: bool, positions=None,
-               kv_positions=None):
+               kv_positions=None, decode: bool = False,
+               decode_masks: Optional[DecodeMasks] = None,
+               kv_from_cache: bool = False):
     """Attends from x_q to x_kv (to x_q itself when x_kv is None).
 
     Args:
       x_q: [batch, q_len, embed].
       x_kv: [batch, kv_len, embed_kv], or None for self-attention.
-      mask, is_causal, q_valid, kv_valid: see `dot_product_attention`.
+      mask, is_causal, q_valid, kv_valid: see `dot_product_attention`. In
+        decode mode only kv_valid (cross-attention's first call) is read.
       train: enables dropout on the weights (needs the 'dropout' rng).
       positions: int [batch, q_len] or [q_len] for RoPE (default arange).
       kv_positions: the same for keys (default: `positions` in
         self-attention, arange(kv_len) in cross-attention).
+      decode: decode-mode cross-attention (class doc).
+      decode_masks: decode-mode self-attention (class doc).
+      kv_from_cache: decode-mode cross-attention after the first call: use
+        the keys, values and kv_valid cached by it; x_kv must be None.
 
     Returns:
-      [batch, q_len, out_features]. With the 'einsum' kernel the weights
-      [batch, heads, q_len, kv_len] are sown as
+      [batch, q_len, out_features]. With the 'einsum' kernel, and in decode
+      mode, the weights [batch, heads, q_len, kv_len] are sown as
       ('intermediates', 'attention_weights').
     """
-    self_attention = x_kv is None
-    x_kv = x_q if self_attention else x_kv
+    if kv_from_cache and not (decode and x_kv is None):
+      raise ValueError('kv_from_cache needs decode=True and x_kv=None')
+    self_attention = x_kv is None and not kv_from_cache
+    if decode and self_attention and decode_masks is None:
+      raise ValueError('decode-mode self-attention needs decode_masks')
     features = x_q.shape[-1]
     head_dim = self.head_dim or features // self.num_heads
     kv_heads = self.num_kv_heads or self.num_heads
@@ -334,16 +426,34 @@ class MultiHeadAttention(nn.Module):
           bias_init=axes.logical(nn.initializers.zeros_init(), ('heads', 'kv')))
 
     q = projection(self.num_heads, 'query', self.qkv_bias)(x_q)
-    k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
-    v = projection(kv_heads, 'value', self.qkv_bias)(x_kv)
+    if kv_from_cache:
+      k, v, kv_valid = (self.get_variable('cache', name) for name in (
+          'cached_key', 'cached_value', 'cached_kv_valid'))
+      if k is None:
+        raise ValueError('kv_from_cache: nothing cached; the first decode '
+                         'call must pass x_kv')
+    else:
+      x_kv = x_q if self_attention else x_kv
+      k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
+      v = projection(kv_heads, 'value', self.qkv_bias)(x_kv)
     if self.use_rope:
       if positions is None:
         positions = jnp.arange(x_q.shape[1])
-      if kv_positions is None:
-        kv_positions = positions if self_attention else jnp.arange(
-            x_kv.shape[1])
       q = positional.apply_rope(q, positions)
-      k = positional.apply_rope(k, kv_positions)
+      if not kv_from_cache:  # Cached keys were rotated before caching.
+        if kv_positions is None:
+          kv_positions = positions if self_attention else jnp.arange(
+              x_kv.shape[1])
+        k = positional.apply_rope(k, kv_positions)
+
+    if decode_masks is not None or decode:
+      if decode_masks is not None:
+        out, weights = self._self_attend_with_cache(q, k, v, decode_masks)
+      else:
+        out, weights = self._cross_attend_with_cache(q, k, v, kv_valid,
+                                                     kv_from_cache)
+      self.sow('intermediates', 'attention_weights', weights)
+      return self._output(out, features)
 
     dropout_rng = None
     if train and self.dropout_rate > 0.0:
@@ -361,8 +471,131 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights)
     else:
       out = result
+    return self._output(out, features)
+
+  def _output(self, out, features):
+    """The 'out' projection: [batch, q_len, heads, head_dim] -> features."""
     return nn.DenseGeneral(
         self.out_features or features, axis=(-2, -1), name='out',
         kernel_init=axes.logical(nn.initializers.lecun_normal(),
                              ('heads', 'kv', 'embed')),
         bias_init=axes.logical(nn.initializers.zeros_init(), ('embed',)))(out)
+
+  def _self_attend_with_cache(self, q, k, v, masks: DecodeMasks):
+    """Writes this call's k, v [batch, n, kv_heads, head_dim] into the cache
+    at masks.slot, then attends over the cache."""
+    k, v = cache_layout(k, v)
+    n, cache_len = k.shape[3], masks.visible.shape[-1]
+    if n > cache_len:
+      raise ValueError(f'{n} tokens do not fit a decode cache of {cache_len}')
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros,
+                             k.shape[:3] + (cache_len,), k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros,
+                             v.shape[:2] + (cache_len,) + v.shape[3:], v.dtype)
+    cached_k.value = lax.dynamic_update_slice_in_dim(
+        cached_k.value, k, masks.slot, axis=3)
+    cached_v.value = lax.dynamic_update_slice_in_dim(
+        cached_v.value, v, masks.slot, axis=2)
+    return cached_attention(q, cached_k.value, cached_v.value, masks.visible)
+
+  def _cross_attend_with_cache(self, q, k, v, kv_valid, kv_from_cache):
+    """Caches the encoder's keys and values on the first call; attends."""
+    if not kv_from_cache:
+      k, v = cache_layout(k, v)
+      if kv_valid is None:
+        kv_valid = jnp.ones(v.shape[:1] + v.shape[2:3], bool)
+      for name, value in (('cached_key', k), ('cached_value', v),
+                          ('cached_kv_valid', kv_valid)):
+        self.put_variable('cache', name, value)
+    visible = jnp.broadcast_to(kv_valid[:, None, :], (
+        q.shape[0], q.shape[1], kv_valid.shape[1]))
+    return cached_attention(q, k, v, visible)
+
+
+SCORES = ('additive', 'dot')
+
+
+class Seq2SeqAttention(nn.Module):
+  """One head of attention from decoder states to encoder states (RNN seq2seq).
+
+  The score of a decoder state s against an encoder state m is
+    * 'additive' (Bahdanau et al. 2015): e = energy^T tanh(W_q s + W_m m + b),
+      a one-hidden-layer network of width `features`;
+    * 'dot' (Luong et al. 2015, their 'general' score): e = s^T (W m), a dot
+      product after projecting m to the width of s (W lets the encoder and
+      decoder widths differ; with W = I it is Luong's plain 'dot').
+  The weights are the softmax of the scores over the valid encoder positions
+  (sown as ('intermediates', 'attention_weights') [batch, tgt_len, src_len]);
+  the output is the weighted sum of the encoder states. The projections are
+  named ('embed', 'mlp'), like a feed-forward layer's first matmul (for
+  'additive' they are the score network's hidden layer), so tensor
+  parallelism splits their columns.
+
+  Decoding: the first decode call (with memory) caches the projected keys
+  W_m m + b, the memory and its validity in the 'cache' collection
+  ('cached_keys', 'cached_memory', 'cached_memory_valid', all batch-first);
+  later calls pass memory=None and reuse them, so the source is projected once.
+
+  Attributes:
+    score: 'additive' or 'dot'.
+    features: width of the additive score's hidden layer (None: the decoder
+      state's); 'dot' always projects to the decoder state's width.
+  """
+  score: str = 'additive'
+  features: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, queries, memory=None, *, memory_valid=None,
+               decode: bool = False):
+    """Attends from decoder states to encoder states.
+
+    Args:
+      queries: decoder states [batch, tgt_len, q_features].
+      memory: encoder states [batch, src_len, m_features]; None only in
+        decode calls after the first.
+      memory_valid: bool [batch, src_len], False at source padding.
+      decode: read and write the 'cache' collection (class doc).
+
+    Returns:
+      The attended encoder states [batch, tgt_len, m_features].
+    """
+    if self.score not in SCORES:
+      raise ValueError(f'score={self.score!r}; use one of {SCORES}')
+    additive = self.score == 'additive'
+    width = (self.features or queries.shape[-1]) if additive else (
+        queries.shape[-1])
+    names = ('embed', 'mlp')
+    if memory is None:
+      if not decode:
+        raise ValueError('Seq2SeqAttention needs memory (only decode calls '
+                         'after the first may leave it out)')
+      keys, memory, memory_valid = (
+          self.get_variable('cache', name) for name in (
+              'cached_keys', 'cached_memory', 'cached_memory_valid'))
+      if keys is None:
+        raise ValueError('nothing cached: the first decode call must pass '
+                         'memory')
+    else:
+      keys = axes.dense(width, names, use_bias=additive, name='key')(memory)
+      if memory_valid is None:
+        memory_valid = jnp.ones(memory.shape[:2], bool)
+      if decode:
+        for name, value in (('cached_keys', keys), ('cached_memory', memory),
+                            ('cached_memory_valid', memory_valid)):
+          self.put_variable('cache', name, value)
+    if additive:
+      q = axes.dense(width, names, use_bias=False, name='query')(queries)
+      energy = self.param(
+          'energy', axes.logical(nn.initializers.normal(width ** -0.5),
+                                 ('mlp',)), (width,))
+      # [batch, tgt, src, width]: the price of the additive score, paid once
+      # per (target, source) pair like the dot product's multiply-adds.
+      scores = jnp.tanh(q[:, :, None, :] + keys[:, None, :, :]) @ energy
+    else:
+      scores = jnp.einsum('btd,bsd->bts', queries, keys)
+    visible = memory_valid[:, None, :]
+    weights = jax.nn.softmax(jnp.where(visible, scores, _MASKED), axis=-1)
+    # A source with no valid position came out uniform; it must be zero.
+    weights = jnp.where(visible, weights, 0.0)
+    self.sow('intermediates', 'attention_weights', weights)
+    return jnp.einsum('bts,bsd->btd', weights, memory)

@@ -11,16 +11,27 @@ own cells (the tests use that to compare against them). Their parameters are
 laid out for speed: every gate of a step comes out of one matmul.
 `Recurrence` and `RecurrentLayer` take no `train`: nothing in them acts
 differently in training; dropout lives between layers, in `RecurrentStack`.
+
+Models: `RNNClassifier` (images row by row), `RNNLM` (language model) and
+`RNNSeq2Seq` (encoder-decoder, optionally with attention). For decoding
+(`bigjax.decoding`) the token models take `decode=True`: their cache is the
+carries, which stacks pass in (`initial_carries`) and out
+(`return_carries`); a step costs the same at any length.
 """
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigjax.models import attention as attention_lib
 from bigjax.models import axes
 from bigjax.models import param_counts
+# For TokenEmbedding only: one embedding (and tied output layer) for every
+# token model.
+from bigjax.models import transformer
 
 
 def _blocks(init, n: int):
@@ -206,6 +217,7 @@ class GRUCell(_HiddenStateCell):
 CELLS = {'elman': ElmanCell, 'lstm': LSTMCell, 'gru': GRUCell}
 SHARING = ('none', 'all')
 POOLING = ('last', 'mean')
+ATTENTION = ('none',) + attention_lib.SCORES
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -234,13 +246,16 @@ class Recurrence(nn.Module):
   unroll: int = 1
 
   @nn.compact
-  def __call__(self, xs, *, lengths=None):
+  def __call__(self, xs, *, lengths=None, initial_carry=None):
     """Runs the cell over a batch of sequences.
 
     Args:
       xs: [batch, time, input].
       lengths: optional int [batch], valid steps of each sequence (its
         padding is at the end); None means all `time` steps are valid.
+      initial_carry: the carry to start from (leaves [batch, ...], e.g. an
+        encoder's final state, or the state a decode step left); None: the
+        cell's zero carry.
 
     Returns:
       (carry, ys): the cell's carry after each sequence's last processed
@@ -248,9 +263,11 @@ class Recurrence(nn.Module):
       zero at padded positions.
     """
     time = xs.shape[1]
-    # Zero initialisers ignore the key; a fixed one keeps flax's cells happy
-    # without needing an rng stream at apply time.
-    carry = self.cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+    carry = initial_carry
+    if carry is None:
+      # Zero initialisers ignore the key; a fixed one keeps flax's cells
+      # happy without needing an rng stream at apply time.
+      carry = self.cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
     valid = None
     if lengths is not None:
       valid = jnp.arange(time)[None, :] < lengths[:, None]  # [batch, time]
@@ -288,19 +305,31 @@ class RecurrentLayer(nn.Module):
   unroll: int = 1
 
   @nn.compact
-  def __call__(self, xs, *, lengths=None):
+  def __call__(self, xs, *, lengths=None, initial_carry=None,
+               return_carry: bool = False):
     """xs [batch, time, input], lengths optional int [batch].
+
+    Args:
+      xs, lengths: see `Recurrence`.
+      initial_carry: the forward cell's starting carry (None: zeros).
+      return_carry: also return the forward cell's final carry.
+      Both carry arguments need a unidirectional layer: a backward cell's
+      state at t=0 cannot continue a sequence.
 
     Returns:
       ys [batch, time, directions * hidden_size] (zero where padded) and
       last [batch, directions * hidden_size]: each direction's output after
-      its final step (forward: at the last valid token; backward: at t=0).
+      its final step (forward: at the last valid token; backward: at t=0);
+      with return_carry also the final carry (leaves [batch, hidden_size]).
     """
+    if self.bidirectional and (initial_carry is not None or return_carry):
+      raise ValueError('carries in or out need a unidirectional layer '
+                       '(bidirectional=False)')
     # parent=None: the cell is adopted by its Recurrence (params under
     # 'forward/cell'), not attached here as a sibling 'LSTMCell_0'.
     make_cell = lambda: CELLS[self.cell](self.hidden_size, parent=None)
     forward = Recurrence(make_cell(), unroll=self.unroll, name='forward')
-    ys = forward(xs, lengths=lengths)[1]
+    carry, ys = forward(xs, lengths=lengths, initial_carry=initial_carry)
     if lengths is None:
       last = ys[:, -1]
     else:
@@ -308,7 +337,7 @@ class RecurrentLayer(nn.Module):
       index = jnp.maximum(lengths - 1, 0)[:, None, None]
       last = jnp.take_along_axis(ys, index, axis=1)[:, 0]
     if not self.bidirectional:
-      return ys, last
+      return (ys, last, carry) if return_carry else (ys, last)
     backward = Recurrence(make_cell(), reverse=True, unroll=self.unroll,
                           name='backward')
     ys_back = backward(xs, lengths=lengths)[1]
@@ -316,17 +345,26 @@ class RecurrentLayer(nn.Module):
             jnp.concatenate([last, ys_back[:, 0]], -1))
 
 
-def _run_layers(layers, xs, *, dropout_rate, train, lengths):
+def _run_layers(layers, xs, *, dropout_rate, train, lengths,
+                initial_carries=None, return_carries=False):
   """Applies `layers` in order with dropout between them.
 
-  Returns the top layer's (ys, last), as `RecurrentLayer` does.
+  Layer i starts from initial_carries[i] when given. Returns the top layer's
+  (ys, last), as `RecurrentLayer` does, and with return_carries also every
+  layer's final carry (a tuple, bottom layer first).
   """
-  last = None
+  last, carries = None, []
   for i, layer in enumerate(layers):
     if i > 0:
       xs = nn.Dropout(dropout_rate, deterministic=not train)(xs)
-    xs, last = layer(xs, lengths=lengths)
-  return xs, last
+    start = None if initial_carries is None else initial_carries[i]
+    if return_carries:
+      xs, last, carry = layer(xs, lengths=lengths, initial_carry=start,
+                              return_carry=True)
+      carries.append(carry)
+    else:
+      xs, last = layer(xs, lengths=lengths, initial_carry=start)
+  return (xs, last, tuple(carries)) if return_carries else (xs, last)
 
 
 class SharedLayers(nn.Module):
@@ -350,15 +388,20 @@ class SharedLayers(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, xs, *, train: bool, lengths=None):
-    """xs [batch, time, directions * hidden_size] -> (ys, last) of the top."""
+  def __call__(self, xs, *, train: bool, lengths=None, initial_carries=None,
+               return_carries: bool = False):
+    """xs [batch, time, directions * hidden_size] -> (ys, last) of the top.
+
+    Carries in and out (one per application) as in `RecurrentStack`.
+    """
     param_counts.declare_uses(self, self.num_layers)
     layer = RecurrentLayer(cell=self.cell, hidden_size=self.hidden_size,
                            bidirectional=self.bidirectional,
                            unroll=self.unroll, name='layer')
     return _run_layers([layer] * self.num_layers, xs,
                        dropout_rate=self.dropout_rate, train=train,
-                       lengths=lengths)
+                       lengths=lengths, initial_carries=initial_carries,
+                       return_carries=return_carries)
 
 
 class RecurrentStack(nn.Module):
@@ -385,12 +428,21 @@ class RecurrentStack(nn.Module):
   unroll: int = 1
 
   @nn.compact
-  def __call__(self, xs, *, train: bool, lengths=None):
+  def __call__(self, xs, *, train: bool, lengths=None, initial_carries=None,
+               return_carries: bool = False):
     """xs [batch, time, input], lengths optional int [batch].
+
+    Args:
+      xs, lengths: see `Recurrence`.
+      initial_carries: one starting carry per layer (bottom first), e.g. an
+        encoder's final carries or those a decode step left; None: zeros.
+      return_carries: also return every layer's final carry.
+      The carry arguments need bidirectional=False.
 
     Returns:
       The top layer's ys [batch, time, directions * hidden_size] (zero where
-      padded) and last [batch, directions * hidden_size] (see RecurrentLayer).
+      padded) and last [batch, directions * hidden_size] (see RecurrentLayer),
+      and with return_carries the tuple of each layer's final carry.
     """
     _check_choice('cell', self.cell, tuple(CELLS))
     _check_choice('cross_layer_sharing', self.cross_layer_sharing, SHARING)
@@ -402,11 +454,15 @@ class RecurrentStack(nn.Module):
                       name='input_projection')(xs)
       return SharedLayers(**layer_args, num_layers=self.num_layers,
                           dropout_rate=self.dropout_rate, name='shared')(
-                              xs, train=train, lengths=lengths)
+                              xs, train=train, lengths=lengths,
+                              initial_carries=initial_carries,
+                              return_carries=return_carries)
     layers = [RecurrentLayer(**layer_args, name=f'layer{i}')
               for i in range(self.num_layers)]
     return _run_layers(layers, xs, dropout_rate=self.dropout_rate,
-                       train=train, lengths=lengths)
+                       train=train, lengths=lengths,
+                       initial_carries=initial_carries,
+                       return_carries=return_carries)
 
 
 class RNNClassifier(nn.Module):
@@ -454,3 +510,188 @@ class RNNClassifier(nn.Module):
     features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
     return axes.dense(self.num_classes, ('rnn_hidden', 'classes'),
                       name='head')(features)
+
+
+def _dropout(rate: float, train: bool):
+  return nn.Dropout(rate, deterministic=not train)
+
+
+def _token_logits(embed, h, *, tie: bool, vocab_size: int):
+  """h [..., hidden] -> logits [..., vocab_size], inside a compact method.
+
+  Untied: a bias-free Dense 'logits' named ('embed', 'vocab') as the
+  Transformers' untied output (the width entering a dense layer is 'embed'),
+  so tensor parallelism splits the vocabulary. Tied: through the
+  embedding's transpose, after a bias-free projection 'output_projection'
+  when the hidden width differs from the embedding's.
+  """
+  if not tie:
+    return axes.dense(vocab_size, ('embed', 'vocab'), use_bias=False,
+                      name='logits')(h)
+  if h.shape[-1] != embed.features:
+    h = axes.dense(embed.features, ('rnn_hidden', 'embed'), use_bias=False,
+                   name='output_projection')(h)
+  return embed.attend(h)
+
+
+def _lengths(valid):
+  """int [batch] valid steps of bool [batch, time] (True on a prefix)."""
+  return None if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
+
+
+class RNNLM(nn.Module):
+  """Recurrent language model: token embedding -> RecurrentStack -> logits.
+
+  Dropout (Zaremba et al. 2014) acts on the embeddings, between layers and
+  on the top layer's outputs. With `tie_embeddings` the logits reuse the
+  embedding table (Press & Wolf 2017), through 'output_projection' when
+  hidden_size differs from the embedding width.
+
+  With `decode=True` (and the 'cache' collection mutable) the tokens continue
+  from the carries in 'cache'/'carries' (one per layer, batch-first): the
+  recurrent state is the whole cache.
+
+  Attributes:
+    vocab_size: number of token ids.
+    cell: 'elman', 'lstm' or 'gru'.
+    hidden_size: features of each layer's cell.
+    num_layers: stacked layers.
+    embedding_dim: width of the token embedding (None: hidden_size).
+    cross_layer_sharing: 'none' or 'all' (see RecurrentStack).
+    dropout_rate: see above.
+    tie_embeddings: see above.
+    unroll: time steps per scan iteration.
+  """
+  vocab_size: int = 256
+  cell: str = 'lstm'
+  hidden_size: int = 256
+  num_layers: int = 1
+  embedding_dim: Optional[int] = None
+  cross_layer_sharing: str = 'none'
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = False
+  unroll: int = 1
+  # The task whose inputs this model reads (`bigjax.decoding` builds its
+  # decode calls from it).
+  TASK = 'language_model'
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool, valid=None, decode: bool = False):
+    """int [batch, length] -> logits [batch, length, vocab_size].
+
+    Position t's logits depend on tokens[:, :t+1] only (and, in decode mode,
+    on the cached state). `valid` (bool [batch, length], True on a prefix of
+    each row) stops each row's state at its last valid token.
+    """
+    embed = transformer.TokenEmbedding(
+        self.vocab_size, self.embedding_dim or self.hidden_size, name='embed')
+    x = _dropout(self.dropout_rate, train)(embed(tokens))
+    ys, _, carries = RecurrentStack(
+        cell=self.cell, hidden_size=self.hidden_size,
+        num_layers=self.num_layers,
+        cross_layer_sharing=self.cross_layer_sharing,
+        dropout_rate=self.dropout_rate, unroll=self.unroll, name='rnn')(
+            x, train=train, lengths=_lengths(valid), return_carries=True,
+            initial_carries=(self.get_variable('cache', 'carries')
+                             if decode else None))
+    if decode:
+      self.put_variable('cache', 'carries', carries)
+    return _token_logits(embed, _dropout(self.dropout_rate, train)(ys),
+                         tie=self.tie_embeddings, vocab_size=self.vocab_size)
+
+
+class RNNSeq2Seq(nn.Module):
+  """Recurrent encoder-decoder (Sutskever et al. 2014), optionally attentive.
+
+  Source and target share one token embedding. The encoder, a
+  unidirectional RecurrentStack over the source, stops at each row's last
+  valid token; its final carries start the decoder, a RecurrentStack of the
+  same cell and size over the (shifted) target. Without attention those
+  carries are all the decoder knows of the source.
+
+  With attention (Luong et al. 2015) each decoder state s_t attends over the
+  encoder states, masked by src_valid (`attention.Seq2SeqAttention`:
+  'additive' is Bahdanau et al.'s score, 'dot' Luong's), and the context c_t
+  gives the attentional state tanh(W_c [c_t; s_t]) ('attention_output')
+  from which the logits come. The attention reads s_t after the step, so in
+  training the recurrence is one scan and the attention one batched op.
+  (Bahdanau et al.'s decoder instead feeds c_t into the next step, which
+  would put attention inside the scan; only the score is theirs here.)
+
+  With `decode=True` (and the 'cache' collection mutable) 'tgt' continues
+  the cached decoder state: the first call passes 'src' (and 'src_valid'),
+  which runs the encoder and caches its projected states for the attention;
+  later calls pass only 'tgt'.
+
+  Attributes:
+    vocab_size: number of token ids (shared by source and target).
+    cell: 'elman', 'lstm' or 'gru' (encoder and decoder).
+    hidden_size: features of each cell.
+    num_layers: layers of each stack.
+    embedding_dim: width of the token embedding (None: hidden_size).
+    attention: 'none', 'additive' or 'dot'.
+    dropout_rate: on the embeddings, between layers and before the logits.
+    tie_embeddings: logits through the embedding's transpose (as RNNLM).
+    unroll: time steps per scan iteration.
+  """
+  vocab_size: int = 256
+  cell: str = 'lstm'
+  hidden_size: int = 256
+  num_layers: int = 1
+  embedding_dim: Optional[int] = None
+  attention: str = 'additive'
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = False
+  unroll: int = 1
+  TASK = 'seq2seq'  # See RNNLM.TASK.
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool, decode: bool = False):
+    """Target logits given the source and the (shifted) target.
+
+    Args:
+      inputs: {'src': int [batch, src_len], 'tgt': int [batch, tgt_len],
+        optional 'src_valid': bool [batch, src_len], optional 'tgt_valid':
+        bool [batch, tgt_len]} (valid: True on a prefix of each row).
+        Position t of 'tgt' predicts token t + 1. Decode calls after the
+        first leave out 'src' and 'src_valid'.
+      train: enables dropout.
+      decode: continue the cached target (class doc).
+
+    Returns:
+      logits [batch, tgt_len, vocab_size].
+    """
+    _check_choice('attention', self.attention, ATTENTION)
+    embed = transformer.TokenEmbedding(
+        self.vocab_size, self.embedding_dim or self.hidden_size, name='embed')
+    dropout = _dropout(self.dropout_rate, train)
+    stack = functools.partial(
+        RecurrentStack, cell=self.cell, hidden_size=self.hidden_size,
+        num_layers=self.num_layers, dropout_rate=self.dropout_rate,
+        unroll=self.unroll)
+    memory = src_valid = None
+    if 'src' in inputs:
+      src_valid = inputs.get('src_valid')
+      memory, _, carries = stack(name='encoder')(
+          dropout(embed(inputs['src'])), train=train,
+          lengths=_lengths(src_valid), return_carries=True)
+    elif decode:
+      carries = self.get_variable('cache', 'carries')
+    else:
+      raise ValueError("RNNSeq2Seq inputs need 'src' (only decode calls "
+                       'after the first may leave it out)')
+    ys, _, carries = stack(name='decoder')(
+        dropout(embed(inputs['tgt'])), train=train,
+        lengths=_lengths(inputs.get('tgt_valid')), initial_carries=carries,
+        return_carries=True)
+    if decode:
+      self.put_variable('cache', 'carries', carries)
+    if self.attention != 'none':
+      context = attention_lib.Seq2SeqAttention(self.attention,
+                                               name='attention')(
+          ys, memory, memory_valid=src_valid, decode=decode)
+      ys = jnp.tanh(axes.dense(
+          self.hidden_size, ('rnn_in', 'rnn_hidden'), use_bias=False,
+          name='attention_output')(jnp.concatenate([context, ys], -1)))
+    return _token_logits(embed, dropout(ys), tie=self.tie_embeddings,
+                         vocab_size=self.vocab_size)

@@ -15,6 +15,14 @@ parameters the layers share (ALBERT, Lan et al. 2019):
 Models: `TransformerEncoder` (sequence classifier), `DecoderLM` (causal
 language model), `EncoderDecoder` (sequence to sequence) and `ViT` (image
 classifier, in `bigjax.models.MODELS` as 'vit').
+
+Decoding (`bigjax.decoding`): `DecoderLM` and `EncoderDecoder` take
+`decode=True` with the 'cache' collection mutable. Each self-attention layer
+then keeps its keys and values (`attention.MultiHeadAttention`), the model
+keeps the slots and positions used so far (`decode_masks`), and tokens
+continue the cached sequence, so one new token costs one layer pass plus
+the attention read over the cache. Every cache array is batch-first, for
+beam search to reorder.
 """
 
 import functools
@@ -22,6 +30,7 @@ from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 from flax.core import meta
 
@@ -139,26 +148,34 @@ class DecoderBlock(_BlockFields):
 
   @nn.compact
   def __call__(self, x, *, train: bool, valid=None, positions=None,
-               context=None, context_valid=None):
+               context=None, context_valid=None,
+               decode_masks: Optional[attention.DecodeMasks] = None):
     """x [batch, length, embed] -> same.
 
     Args:
       valid: bool [batch, length], False at padding.
-      positions: int [length] or [batch, length], for RoPE.
-      context: [batch, src_length, embed], needed with cross_attention.
+      positions: int [length] or [batch, length], for RoPE (in decode mode
+        each row's own positions [batch, length]).
+      context: [batch, src_length, embed], needed with cross_attention
+        (in decode mode only on the first call; later calls reuse the
+        cross-attention keys and values cached then).
       context_valid: bool [batch, src_length], False at source padding.
+      decode_masks: decode mode: continue the cached sequence (see
+        `decode_masks` and attention.MultiHeadAttention).
     """
+    decode = decode_masks is not None
     h = _layer_norm('self_attention_norm')(x)
     h = self._attention('self_attention', use_rope=self.use_rope)(
         h, is_causal=True, q_valid=valid, kv_valid=valid, train=train,
-        positions=positions)
+        positions=positions, decode_masks=decode_masks)
     x = self._residual(x, h, train=train)
     if self.cross_attention:
       h = _layer_norm('cross_attention_norm')(x)
       # No RoPE across sequences: offsets between a target and a source
       # position mean nothing.
       h = self._attention('cross_attention', use_rope=False)(
-          h, context, q_valid=valid, kv_valid=context_valid, train=train)
+          h, context, q_valid=valid, kv_valid=context_valid, train=train,
+          decode=decode, kv_from_cache=decode and context is None)
       x = self._residual(x, h, train=train)
     return self._mlp(x, train=train)
 
@@ -183,6 +200,14 @@ class LayerStack(nn.Module):
   `layer_stack(...)`, which adds the parameter regrouping that partial
   sharing needs.
 
+  Decoding (decode=True) unrolls the depth instead: layer i runs with its
+  slice of the parameters and keeps its own cache, 'cache'/'layer{i}' (one
+  per layer even when parameters are shared: each layer sees different
+  inputs). Carried through a scan, every step would copy every layer's
+  whole cache in and out; as separate arrays each step writes one position
+  of each in place, so a step's cost grows with the prefix only through the
+  attention read.
+
   Attributes:
     block: makes one block, e.g. functools.partial(EncoderBlock, ...); called
       with name='layers'.
@@ -200,8 +225,12 @@ class LayerStack(nn.Module):
   remat: str = 'none'
 
   @nn.compact
-  def __call__(self, x, *, train: bool, **inputs):
-    """x [batch, length, embed] -> same; `inputs` go to every block."""
+  def __call__(self, x, *, train: bool, decode: bool = False, **inputs):
+    """x [batch, length, embed] -> same; `inputs` go to every block.
+
+    decode=True: the decode-mode stack (class doc); `inputs` then carry
+    the blocks' decode arguments (DecoderBlock's decode_masks).
+    """
     sharing, step_encoding = self.cross_layer_sharing, self.step_encoding
     if sharing not in CROSS_LAYER_SHARING:
       raise ValueError(f'cross_layer_sharing={sharing!r}; use one of '
@@ -213,6 +242,9 @@ class LayerStack(nn.Module):
       param_counts.declare_uses(self, self.num_layers)
     elif sharing != 'none':
       _SharedUses(self.num_layers, name='shared')()
+
+    if decode:
+      return self._decode(x, train=train, inputs=inputs)
 
     def body(block, x, step, inputs):
       if step_encoding:
@@ -233,6 +265,26 @@ class LayerStack(nn.Module):
         metadata_params=_LAYERS_AXIS)
     x, _ = scan(self.block(name='layers'), x, jnp.arange(self.num_layers),
                 inputs)
+    return x
+
+  def _decode(self, x, *, train, inputs):
+    """The decode-mode stack: layers unrolled, one cache each (class doc)."""
+    params = self.variables.get('params', {}).get('layers')
+    if params is None:
+      raise ValueError('decode=True needs initialised parameters; create '
+                       'them with model.init first')
+    block = self.block(parent=None)
+    for i in range(self.num_layers):
+      if self.step_encoding:
+        x = x + positional_lib.sinusoidal_encoding(i, x.shape[-1])
+      layer = {'params': params if self.cross_layer_sharing == 'all'
+               else jax.tree.map(lambda p, i=i: p[i], params)}
+      cache = self.get_variable('cache', f'layer{i}')
+      if cache is not None:  # Absent only in the call that creates it.
+        layer['cache'] = cache
+      x, state = block.apply(layer, x, train=train, mutable=['cache'],
+                             **inputs)
+      self.put_variable('cache', f'layer{i}', state['cache'])
     return x
 
 
@@ -399,6 +451,40 @@ class _TransformerFields(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
+def decode_masks(module, tokens, valid=None):
+  """Positions [batch, n] and attention.DecodeMasks for a decode call.
+
+  Beside every layer's keys and values, a decoding model's cache holds
+    'slot' int32 [batch] (equal across the batch): cache slots used so far;
+    'length' int32 [batch]: each row's real tokens so far (its next position);
+    'key_valid' bool [batch, cache_len]: the slots that hold real tokens;
+  all created (zeros) by the first decode call, whose length sets
+  cache_len. `valid` (bool [batch, n], True on a prefix of each row; None:
+  all n) marks the real tokens of a right-padded ragged prompt: its padding
+  takes cache slots but no positions, and no query ever sees it, so every
+  row continues from its own last token while the batch shares one slot
+  counter (and each layer writes with one dynamic_update_slice).
+  """
+  batch, n = tokens.shape
+  if valid is None:
+    valid = jnp.ones((batch, n), bool)
+  slot = module.variable('cache', 'slot', jnp.zeros, (batch,), jnp.int32)
+  length = module.variable('cache', 'length', jnp.zeros, (batch,), jnp.int32)
+  key_valid = module.variable('cache', 'key_valid', jnp.zeros, (batch, n),
+                              bool)
+  start = slot.value[0]
+  positions = length.value[:, None] + jnp.arange(n)
+  key_valid.value = lax.dynamic_update_slice_in_dim(key_valid.value, valid,
+                                                    start, axis=1)
+  causal = (jnp.arange(key_valid.value.shape[1])
+            <= start + jnp.arange(n)[:, None])  # [n, cache_len]
+  masks = attention.DecodeMasks(slot=start,
+                                visible=key_valid.value[:, None] & causal)
+  length.value = length.value + jnp.sum(valid, axis=1, dtype=jnp.int32)
+  slot.value = slot.value + n
+  return positions, masks
+
+
 def _output_logits(embed, x, *, tie: bool, vocab_size: int):
   if tie:
     return embed.attend(x)
@@ -458,6 +544,10 @@ class TransformerEncoder(_TransformerFields):
 class DecoderLM(_TransformerFields):
   """Decoder-only causal language model (GPT-style).
 
+  With `decode=True` (and the 'cache' collection mutable) the tokens
+  continue the cached sequence: a prompt in one call, then one token per
+  call (`bigjax.decoding`; module doc).
+
   Attributes:
     vocab_size: number of token ids.
     max_len: longest sequence (learned positions).
@@ -469,21 +559,33 @@ class DecoderLM(_TransformerFields):
   max_len: int = 512
   embedding_dim: Optional[int] = None
   tie_embeddings: bool = True
+  # The task whose inputs this model reads (`bigjax.decoding` builds its
+  # decode calls from it).
+  TASK = 'language_model'
 
   @nn.compact
-  def __call__(self, tokens, *, train: bool, valid=None):
+  def __call__(self, tokens, *, train: bool, valid=None, decode: bool = False):
     """int [batch, length] -> logits [batch, length, vocab_size].
 
-    Position t's logits depend on tokens[:, :t+1] only.
+    Position t's logits depend on tokens[:, :t+1] only (and, in decode mode,
+    on the cached tokens before them). `valid` (bool [batch, length], True on
+    a prefix of each row) marks padding; in decode mode it only says how far
+    each row's cache advances.
     """
     embed = TokenEmbedding(self.vocab_size, self.d_model, self.embedding_dim,
                            name='embed')
-    positions = jnp.arange(tokens.shape[1])
+    extra = {}
+    if decode:
+      positions, extra['decode_masks'] = decode_masks(self, tokens, valid)
+      valid = None
+    else:
+      positions = jnp.arange(tokens.shape[1])
     x = self._add_positions(embed(tokens), positions, max_len=self.max_len,
                             name='position_embedding')
     x = self._dropout(x, train=train)
     x = self._stack(DecoderBlock, 'blocks')(x, train=train, valid=valid,
-                                            positions=positions)
+                                            positions=positions, decode=decode,
+                                            **extra)
     x = _layer_norm('final_norm')(x)
     return _output_logits(embed, x, tie=self.tie_embeddings,
                           vocab_size=self.vocab_size)
@@ -495,6 +597,11 @@ class EncoderDecoder(_TransformerFields):
   Source and target share one token embedding (and, when tied, the output
   layer). Both stacks have num_layers layers.
 
+  With `decode=True` (and the 'cache' collection mutable) 'tgt' continues
+  the cached target. The first decode call passes 'src' (and 'src_valid'):
+  the encoder runs and every cross-attention layer caches its keys and
+  values; later calls pass only 'tgt' (`bigjax.decoding`).
+
   Attributes:
     vocab_size: number of token ids (shared by source and target).
     max_len: longest source or target sequence (learned positions).
@@ -505,36 +612,52 @@ class EncoderDecoder(_TransformerFields):
   max_len: int = 512
   embedding_dim: Optional[int] = None
   tie_embeddings: bool = True
+  TASK = 'seq2seq'  # See DecoderLM.TASK.
 
   @nn.compact
-  def __call__(self, inputs, *, train: bool):
+  def __call__(self, inputs, *, train: bool, decode: bool = False):
     """Target logits given the source and the (shifted) target.
 
     Args:
       inputs: {'src': int [batch, src_len], 'tgt': int [batch, tgt_len],
         optional 'src_valid': bool [batch, src_len], optional 'tgt_valid':
         bool [batch, tgt_len]}. Position t of 'tgt' predicts token t + 1.
+        Decode calls after the first leave out 'src' and 'src_valid'.
       train: enables dropout.
+      decode: continue the cached target (class doc).
 
     Returns:
       logits [batch, tgt_len, vocab_size].
     """
-    src, tgt = inputs['src'], inputs['tgt']
-    src_valid, tgt_valid = inputs.get('src_valid'), inputs.get('tgt_valid')
+    tgt, src_valid = inputs['tgt'], inputs.get('src_valid')
+    tgt_valid = inputs.get('tgt_valid')
     embed = TokenEmbedding(self.vocab_size, self.d_model, self.embedding_dim,
                            name='embed')
-    src_pos, tgt_pos = jnp.arange(src.shape[1]), jnp.arange(tgt.shape[1])
-    x = self._add_positions(embed(src), src_pos, max_len=self.max_len,
-                            name='src_position_embedding')
-    x = self._stack(EncoderBlock, 'encoder')(
-        self._dropout(x, train=train), train=train, valid=src_valid,
-        positions=src_pos)
-    context = _layer_norm('encoder_norm')(x)
+    context = None
+    if 'src' in inputs:
+      src = inputs['src']
+      src_pos = jnp.arange(src.shape[1])
+      x = self._add_positions(embed(src), src_pos, max_len=self.max_len,
+                              name='src_position_embedding')
+      x = self._stack(EncoderBlock, 'encoder')(
+          self._dropout(x, train=train), train=train, valid=src_valid,
+          positions=src_pos)
+      context = _layer_norm('encoder_norm')(x)
+    elif not decode:
+      raise ValueError("EncoderDecoder inputs need 'src' (only decode calls "
+                       'after the first may leave it out)')
+    extra = {}
+    if decode:
+      tgt_pos, extra['decode_masks'] = decode_masks(self, tgt, tgt_valid)
+      tgt_valid = None
+    else:
+      tgt_pos = jnp.arange(tgt.shape[1])
     y = self._add_positions(embed(tgt), tgt_pos, max_len=self.max_len,
                             name='tgt_position_embedding')
     y = self._stack(DecoderBlock, 'decoder', cross_attention=True)(
         self._dropout(y, train=train), train=train, valid=tgt_valid,
-        positions=tgt_pos, context=context, context_valid=src_valid)
+        positions=tgt_pos, context=context, context_valid=src_valid,
+        decode=decode, **extra)
     y = _layer_norm('decoder_norm')(y)
     return _output_logits(embed, y, tie=self.tie_embeddings,
                           vocab_size=self.vocab_size)
@@ -590,10 +713,51 @@ class ViT(_TransformerFields):
     x = self._stack(EncoderBlock, 'encoder')(x, train=train)
     x = _layer_norm('encoder_norm')(x)
     pooled = x[:, 0] if self.pooling == 'cls' else x.mean(axis=1)
-    # Zero-initialised head: every class starts equally likely (big_vision).
-    return nn.Dense(
-        self.num_classes, name='head',
-        kernel_init=axes.logical(nn.initializers.zeros_init(),
-                                 ('embed', 'classes')),
-        bias_init=axes.logical(nn.initializers.zeros_init(), ('classes',)))(
-            pooled)
+    return _zero_head(self.num_classes)(pooled)
+
+
+def _zero_head(num_classes: int) -> nn.Dense:
+  """A zero-initialised classifier head named 'head', [embed] -> [classes]:
+  every class starts equally likely (big_vision), and a fine-tuned body's
+  features are not disturbed by a random projection at the start."""
+  return nn.Dense(
+      num_classes, name='head',
+      kernel_init=axes.logical(nn.initializers.zeros_init(),
+                               ('embed', 'classes')),
+      bias_init=axes.logical(nn.initializers.zeros_init(), ('classes',)))
+
+
+class DecoderClassifier(DecoderLM):
+  """A decoder-only Transformer read as a sequence classifier.
+
+  Its body has DecoderLM's parameter names ('embed', 'position_embedding',
+  'blocks', 'final_norm'), so a language model trained as DecoderLM
+  fine-tunes into it through `config.init_from` (every parameter but
+  'head/...'). The final hidden states, pooled over the sequence ('mean', or
+  'last': the one position that has read every token), feed a fresh
+  zero-initialised head; the LM's output layer is not used.
+
+  Attributes (beyond DecoderLM's):
+    num_classes: size of the output logits.
+    pooling: 'mean' or 'last'.
+  """
+  num_classes: int = 2
+  pooling: str = 'mean'
+  TASK = 'text_classification'
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool):
+    """int [batch, length] -> logits [batch, num_classes]."""
+    if self.pooling not in ('mean', 'last'):
+      raise ValueError(f'pooling={self.pooling!r}; use mean or last')
+    embed = TokenEmbedding(self.vocab_size, self.d_model, self.embedding_dim,
+                           name='embed')
+    positions = jnp.arange(tokens.shape[1])
+    x = self._add_positions(embed(tokens), positions, max_len=self.max_len,
+                            name='position_embedding')
+    x = self._dropout(x, train=train)
+    x = self._stack(DecoderBlock, 'blocks')(x, train=train, valid=None,
+                                            positions=positions)
+    x = _layer_norm('final_norm')(x)
+    pooled = x.mean(axis=1) if self.pooling == 'mean' else x[:, -1]
+    return _zero_head(self.num_classes)(pooled)
