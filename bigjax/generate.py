@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bigjax import checkpointing
 from bigjax import decoding
-from bigjax import sharding
 from bigjax import train
 from bigjax.data import synthetic
 from bigjax.errors import UserError
+from bigjax.models import MODELS
 
 METHODS = ('greedy', 'sample', 'beam')
 
@@ -37,24 +36,16 @@ def load_run(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   config.sharding_preset, config.sharding_rules = 'data_parallel', ()
+  model_cls = MODELS.get(config.model.get('name'))
+  if getattr(model_cls, 'TASK', None) not in ('language_model', 'seq2seq'):
+    raise UserError(f'{workdir} trained a {config.model.get("name")!r} model, '
+                    'which does not generate; use a language or seq2seq model '
+                    'run')
   try:
-    exp = train.build_experiment(config, workdir)
+    exp, state, _ = train.load_state(config, workdir, require_checkpoint=True)
   except AttributeError as e:  # A key the code reads is not in the file.
     raise UserError(f'{path} has no config key {e} (written by an older '
                     'bigjax); add it to the file or retrain') from None
-  if getattr(type(exp.model), 'TASK', None) not in ('language_model',
-                                                    'seq2seq'):
-    raise UserError(f'{workdir} trained a {config.model.name!r} model, which '
-                    'does not generate; use a language or seq2seq model run')
-  manager = checkpointing.make_manager(workdir, config.checkpoint)
-  try:
-    if manager.latest_step() is None:
-      raise UserError(f'{workdir} has no checkpoint yet; train it first')
-    state, _ = train.init_or_restore(
-        exp, config.seed, manager, sharding.make_mesh(config.mesh),
-        sharding.rules_from_config(config))
-  finally:
-    manager.close()
   return config, exp, state.params
 
 

@@ -117,11 +117,11 @@ def make_mesh(mesh_config: Mapping[str, int],
 
 
 def rules_from_config(config) -> tuple[Rule, ...]:
-  """The config's own rules, then its preset's (first match wins)."""
-  if config.sharding_preset not in PRESETS:
-    raise UserError(
-        f'config.sharding_preset={config.sharding_preset!r} is not one of '
-        f'{", ".join(map(repr, PRESETS))}')
+  """The config's own rules, then its preset's (first match wins).
+
+  The preset name is checked by `config_validation.validate`, which calls
+  this for the rules' own checks.
+  """
   return tuple(_check_rule(r) for r in config.sharding_rules) + PRESETS[
       config.sharding_preset]
 

@@ -273,6 +273,14 @@ class Experiment:
   schedule: optax.Schedule
   num_steps: int
 
+  @functools.cached_property
+  def abstract_variables(self):
+    """The model's variables as boxed `jax.ShapeDtypeStruct`s (no compute);
+    traced once per experiment, for counts, groups, shardings and reports."""
+    return jax.eval_shape(
+        functools.partial(init_variables, model=self.model, task=self.task),
+        jax.random.PRNGKey(0))
+
 
 def build_experiment(config, workdir: Optional[str] = None) -> Experiment:
   """Validates `config` and builds the objects it names (no compute).
@@ -291,30 +299,21 @@ def build_experiment(config, workdir: Optional[str] = None) -> Experiment:
           f"'{config.data.name}') need {want}; set --config.model.{key}={want}")
   num_steps = total_train_steps(config, task.num_train_examples)
   schedule = optimizers.make_schedule(config.optimizer, num_steps)
-  model = model_cls(**model_kwargs)
+  exp = Experiment(
+      task=task, model=model_cls(**model_kwargs),
+      tx=optimizers.make_optimizer(config.optimizer, schedule),
+      schedule=schedule, num_steps=num_steps)
   if config.optimizer.frozen or config.optimizer.lr_multipliers:
-    params = nn.unbox(jax.eval_shape(
-        functools.partial(init_variables, model=model, task=task),
-        jax.random.PRNGKey(0)))['params']
+    params = nn.unbox(exp.abstract_variables)['params']
     optimizers.check_groups(config.optimizer, [
         axes.path_text(p)
         for p, _ in jax.tree_util.tree_leaves_with_path(params)])
-  return Experiment(
-      task=task, model=model,
-      tx=optimizers.make_optimizer(config.optimizer, schedule),
-      schedule=schedule, num_steps=num_steps)
-
-
-def abstract_variables(exp: Experiment):
-  """The model's variables as boxed `jax.ShapeDtypeStruct`s (no compute)."""
-  return jax.eval_shape(
-      functools.partial(init_variables, model=exp.model, task=exp.task),
-      jax.random.PRNGKey(0))
+  return exp
 
 
 def parameter_counts(exp: Experiment) -> dict[str, int]:
   """Unique and effective parameter counts, from shapes alone (no init)."""
-  return param_counts.count_parameters(nn.unbox(abstract_variables(exp)))
+  return param_counts.count_parameters(nn.unbox(exp.abstract_variables))
 
 
 def _log_parameters(exp: Experiment) -> None:
@@ -338,7 +337,7 @@ def state_shardings(exp: Experiment, abstract_state: TrainState, mesh,
     A TrainState of NamedShardings.
   """
   sizes = dict(mesh.shape)
-  variable_specs = sharding.logical_specs(abstract_variables(exp), rules, sizes)
+  variable_specs = sharding.logical_specs(exp.abstract_variables, rules, sizes)
   specs = TrainState(
       step=P(), params=variable_specs['params'],
       model_state={k: variable_specs[k] for k in abstract_state.model_state},
@@ -353,7 +352,7 @@ def layout_report(exp: Experiment, abstract_state: TrainState, shardings,
                   mesh) -> str:
   """The mesh, the per-parameter table and per-device totals (text)."""
   return sharding.report(
-      mesh, abstract_variables(exp)['params'],
+      mesh, exp.abstract_variables['params'],
       jax.tree.map(lambda s: s.spec, shardings.params),
       {name: (getattr(abstract_state, name), getattr(shardings, name))
        for name in ('params', 'opt_state', 'model_state')})
@@ -407,6 +406,34 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
   else:
     logging.info('Resumed from step %d', int(jax.device_get(state.step)))
   return state, state_sharding
+
+
+def load_state(config, workdir: str, *, init_from=None,
+               require_checkpoint: bool = False):
+  """The state `config`'s run in `workdir` starts from, without training.
+
+  Builds the experiment and the mesh from `config` and calls
+  `init_or_restore` (so: the newest verified checkpoint, else `init_from`,
+  else fresh). For tools that read a run (generation, tests).
+
+  Returns:
+    (experiment, state, state_sharding).
+
+  Raises:
+    UserError: as `build_experiment`, or `require_checkpoint` and the
+      workdir has no checkpoint.
+  """
+  exp = build_experiment(config, workdir)
+  manager = checkpointing.make_manager(workdir, config.checkpoint)
+  try:
+    if require_checkpoint and manager.latest_step() is None:
+      raise UserError(f'{workdir} has no checkpoint yet; train it first')
+    state, state_sharding = init_or_restore(
+        exp, config.seed, manager, sharding.make_mesh(config.mesh),
+        sharding.rules_from_config(config), init_from=init_from)
+  finally:
+    manager.close()
+  return exp, state, state_sharding
 
 
 def train_and_evaluate(config, workdir: str, *,

@@ -90,18 +90,18 @@ def main(argv):
     workdir = os.path.join(_ROOT.value, name)
     tag = f'{data}x{fsdp}x{tensor}_{_PRESET.value}'
     if _RESTORE_ONLY.value:
-      state, _ = sharding_configs.fresh_state(config, workdir)
+      _, state, _ = train.load_state(config, workdir)
       results['models'][name] = {'step': int(jax.device_get(state.step)),
                                  'restored_specs': actual_specs(state.params)}
       save_state(state, os.path.join(_ROOT.value, f'{name}_{tag}.npz'))
       continue
     # Before training: the jitted init's outputs, born sharded.
-    state, _ = sharding_configs.fresh_state(
+    _, state, _ = train.load_state(
         config, os.path.join(_ROOT.value, name + '_init'))
     init_specs = actual_specs(state.params)
     train.train_and_evaluate(config, workdir)
     # After training: the final checkpoint restored onto the same layout.
-    state, shardings = sharding_configs.fresh_state(config, workdir)
+    _, state, shardings = train.load_state(config, workdir)
     history = metric_writers.read_history(workdir)
     save_state(state, os.path.join(_ROOT.value, f'{name}_{tag}.npz'))
     results['models'][name] = {
@@ -119,7 +119,7 @@ def main(argv):
       for preset, mesh in (('fsdp', (1, -1, 1)), ('data_parallel', (-1, 1, 1))):
         config.sharding_preset = preset
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
-        state, _ = sharding_configs.fresh_state(
+        _, state, _ = train.load_state(
             config, os.path.join(_ROOT.value, f'{name}_{preset}'))
         layouts[preset] = max_device_bytes(
             {'params': state.params, 'opt_state': state.opt_state})

@@ -10,9 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from bigjax import checkpointing
 from bigjax import sharding
-from bigjax import train
 from bigjax.models import axes
 from bigjax.models import recurrent
 from bigjax.models import transformer
@@ -77,19 +75,6 @@ def sequence_models():
                                                hidden_size=16, attention='dot'),
                           ({'src': tokens, 'tgt': tokens},)),
   }
-
-
-def fresh_state(config, workdir):
-  """The sharded state for `config`: `workdir`'s newest checkpoint restored,
-  or a fresh init. Returns (state, its shardings)."""
-  exp = train.build_experiment(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  manager = checkpointing.make_manager(workdir, config.checkpoint)
-  try:
-    return train.init_or_restore(exp, config.seed, manager, mesh, rules)
-  finally:
-    manager.close()
 
 
 def golden_path(name: str) -> str:

@@ -4,8 +4,6 @@ import jax
 import numpy as np
 import pytest
 
-from bigjax import checkpointing
-from bigjax import sharding
 from bigjax import train
 from bigjax.errors import UserError
 from tests.test_train import restored_params
@@ -23,15 +21,7 @@ def pretrained(fake_data_dir, tmp_path_factory):
 
 def _start(config, workdir):
   """The state a run in `workdir` starts from (nothing trained)."""
-  exp = train.build_experiment(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  manager = checkpointing.make_manager(workdir, config.checkpoint)
-  try:
-    state, _ = train.init_or_restore(exp, config.seed, manager, mesh, rules,
-                                     init_from=config.init_from)
-  finally:
-    manager.close()
+  _, state, _ = train.load_state(config, workdir, init_from=config.init_from)
   return jax.device_get(state)
 
 

@@ -150,7 +150,7 @@ def _boxed_params(name, data_dir):
     init = functools.partial(model.init, train=False)
     return jax.eval_shape(init, jax.random.PRNGKey(0), *inputs)['params']
   exp = train.build_experiment(sharding_configs.get_config(name, data_dir))
-  return train.abstract_variables(exp)['params']
+  return exp.abstract_variables['params']
 
 
 GOLDEN = ('cnn', 'resnet', 'lstm', 'gru', 'vit', 'decoder_lm',
@@ -280,7 +280,7 @@ def test_checkpoints_restore_onto_other_meshes(eight_devices, tmp_path):
     one_device = {
         axes.path_text(p): np.asarray(x) for p, x in
         jax.tree_util.tree_leaves_with_path(jax.device_get(
-            sharding_configs.fresh_state(config, os.path.join(root, name))[0]))}
+            train.load_state(config, os.path.join(root, name))[1]))}
     for tag in ('1x8x1_fsdp', '2x1x4_fsdp_tensor'):
       other = _load(os.path.join(root, f'{name}_{tag}.npz'))
       assert other.keys() == saved.keys()

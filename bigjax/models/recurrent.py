@@ -539,7 +539,31 @@ def _lengths(valid):
   return None if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
 
 
-class RNNLM(nn.Module):
+class _TokenRNNFields(nn.Module):
+  """Hyperparameters both token RNNs take (config.model keys).
+
+  Attributes:
+    vocab_size: number of token ids.
+    cell: 'elman', 'lstm' or 'gru'.
+    hidden_size: features of each layer's cell.
+    num_layers: stacked layers (of each stack, for RNNSeq2Seq).
+    embedding_dim: width of the token embedding (None: hidden_size).
+    dropout_rate: on the embeddings, between layers and before the logits.
+    tie_embeddings: logits through the embedding table (Press & Wolf 2017),
+      via 'output_projection' when hidden_size differs from its width.
+    unroll: time steps per scan iteration.
+  """
+  vocab_size: int = 256
+  cell: str = 'lstm'
+  hidden_size: int = 256
+  num_layers: int = 1
+  embedding_dim: Optional[int] = None
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = False
+  unroll: int = 1
+
+
+class RNNLM(_TokenRNNFields):
   """Recurrent language model: token embedding -> RecurrentStack -> logits.
 
   Dropout (Zaremba et al. 2014) acts on the embeddings, between layers and
@@ -551,26 +575,10 @@ class RNNLM(nn.Module):
   from the carries in 'cache'/'carries' (one per layer, batch-first): the
   recurrent state is the whole cache.
 
-  Attributes:
-    vocab_size: number of token ids.
-    cell: 'elman', 'lstm' or 'gru'.
-    hidden_size: features of each layer's cell.
-    num_layers: stacked layers.
-    embedding_dim: width of the token embedding (None: hidden_size).
+  Attributes (beyond _TokenRNNFields'):
     cross_layer_sharing: 'none' or 'all' (see RecurrentStack).
-    dropout_rate: see above.
-    tie_embeddings: see above.
-    unroll: time steps per scan iteration.
   """
-  vocab_size: int = 256
-  cell: str = 'lstm'
-  hidden_size: int = 256
-  num_layers: int = 1
-  embedding_dim: Optional[int] = None
   cross_layer_sharing: str = 'none'
-  dropout_rate: float = 0.0
-  tie_embeddings: bool = False
-  unroll: int = 1
   # The task whose inputs this model reads (`bigjax.decoding` builds its
   # decode calls from it).
   TASK = 'language_model'
@@ -600,7 +608,7 @@ class RNNLM(nn.Module):
                          tie=self.tie_embeddings, vocab_size=self.vocab_size)
 
 
-class RNNSeq2Seq(nn.Module):
+class RNNSeq2Seq(_TokenRNNFields):
   """Recurrent encoder-decoder (Sutskever et al. 2014), optionally attentive.
 
   Source and target share one token embedding. The encoder, a
@@ -623,26 +631,11 @@ class RNNSeq2Seq(nn.Module):
   which runs the encoder and caches its projected states for the attention;
   later calls pass only 'tgt'.
 
-  Attributes:
-    vocab_size: number of token ids (shared by source and target).
-    cell: 'elman', 'lstm' or 'gru' (encoder and decoder).
-    hidden_size: features of each cell.
-    num_layers: layers of each stack.
-    embedding_dim: width of the token embedding (None: hidden_size).
+  Attributes (beyond _TokenRNNFields'; the vocabulary, cell and sizes are
+  shared by encoder and decoder):
     attention: 'none', 'additive' or 'dot'.
-    dropout_rate: on the embeddings, between layers and before the logits.
-    tie_embeddings: logits through the embedding's transpose (as RNNLM).
-    unroll: time steps per scan iteration.
   """
-  vocab_size: int = 256
-  cell: str = 'lstm'
-  hidden_size: int = 256
-  num_layers: int = 1
-  embedding_dim: Optional[int] = None
   attention: str = 'additive'
-  dropout_rate: float = 0.0
-  tie_embeddings: bool = False
-  unroll: int = 1
   TASK = 'seq2seq'  # See RNNLM.TASK.
 
   @nn.compact
