@@ -77,6 +77,7 @@ def _check_divisible(key: str, value: int, by: int, what: str) -> None:
 def validate(config) -> None:
   """Raises UserError at the first invalid value in `config`."""
   check_range('seed', config.seed, low=0)
+  check_range('num_seeds', config.num_seeds, low=1)
   check_choice('task', config.task, tasks.TASKS)
   # Model.
   model_class_and_kwargs(config.model)
@@ -153,6 +154,12 @@ _LAYOUT_AND_OUTPUT_KEYS = (
     'nonfinite.max_consecutive', 'samples.')
 
 
+# Keys added after runs were already being saved, with the value that means
+# what a run from before them did: a saved config without the key resumes
+# under that value as unchanged.
+_ADDED_KEYS = {'num_seeds': 1, 'data.synthetic.zero_pad': False}
+
+
 def _flatten(tree, prefix='') -> dict:
   out = {}
   for key, value in tree.items():
@@ -178,7 +185,8 @@ def computation_changes(saved: dict, requested: dict) -> list[str]:
   for key in sorted(set(saved) | set(requested)):
     if key.startswith(_LAYOUT_AND_OUTPUT_KEYS):
       continue
-    before, after = saved.get(key, '<absent>'), requested.get(key, '<absent>')
+    before = saved.get(key, _ADDED_KEYS.get(key, '<absent>'))
+    after = requested.get(key, '<absent>')
     if before != after:
       changes.append(f'{key}: {before!r} -> {after!r}')
   return changes

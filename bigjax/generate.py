@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 import numpy as np
 
 from bigjax import decoding
@@ -35,6 +36,7 @@ def load_run(workdir: str):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config.num_seeds = config.get('num_seeds', 1)  # Absent before seeds stacked.
   config.sharding_preset, config.sharding_rules = 'data_parallel', ()
   model_cls = MODELS.get(config.model.get('name'))
   if getattr(model_cls, 'TASK', None) not in ('language_model', 'seq2seq'):
@@ -46,7 +48,11 @@ def load_run(workdir: str):
   except AttributeError as e:  # A key the code reads is not in the file.
     raise UserError(f'{path} has no config key {e} (written by an older '
                     'bigjax); add it to the file or retrain') from None
-  return config, exp, state.params
+  seeds = train.seeds_of(config)
+  if seeds.stacked:
+    logging.info('%s trained seeds %d..%d together; generating with seed %d',
+                 workdir, seeds.first, seeds.values[-1], seeds.first)
+  return config, exp, seeds.first_of(state.params)
 
 
 def _encode_prompt(config, exp, prompt: str):

@@ -63,6 +63,83 @@ class TrainState:
   nonfinite_streak: jax.Array
 
 
+# What `jax.vmap` maps when seeds train together: every TrainState leaf gains
+# a leading seed axis except the step, which all seeds share, so checkpoints,
+# logs and the data position keep one step number.
+SEED_AXES = TrainState(step=None, params=0, model_state=0, opt_state=0, rng=0,
+                       nonfinite_streak=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+  """The seeds one run trains: `count` consecutive values from `first`.
+
+  count == 1 is an ordinary run. count > 1 (`config.num_seeds`) trains them
+  together in one compiled program: `jax.vmap` over the init, dropout and
+  data-order randomness, so seed `first + k` follows the run it would have
+  had alone (to float rounding: batched kernels may sum in another order).
+  The state then holds a leading [count] axis on every leaf but `step`, and
+  each seed's metrics go to WORKDIR/seed_{value}/.
+  """
+  first: int
+  count: int = 1
+
+  @property
+  def stacked(self) -> bool:
+    return self.count > 1
+
+  @property
+  def values(self) -> range:
+    return range(self.first, self.first + self.count)
+
+  def rng(self) -> jax.Array:
+    """uint32 [2], or [count, 2] stacked: the keys the states start from."""
+    keys = [jax.random.PRNGKey(s) for s in self.values]
+    return jnp.stack(keys) if self.stacked else keys[0]
+
+  def vmap(self, fn, in_axes, out_axes):
+    """`fn` over stacked seeds (`jax.vmap`), or `fn` itself for one seed."""
+    if not self.stacked:
+      return fn
+    return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
+
+  def shardings(self, tree, axes=SEED_AXES):
+    """Shardings for the stacked tree: the seed axis is not split."""
+    if not self.stacked:
+      return tree
+    def stack(mapped, leaf_sharding):
+      if mapped is None:
+        return leaf_sharding
+      return jax.tree.map(
+          lambda s: jax.sharding.NamedSharding(s.mesh, P(None, *s.spec)),
+          leaf_sharding)
+    return jax.tree.map(stack, axes, tree, is_leaf=lambda x: x is None)
+
+  def batches(self, task, *, global_batch_size: int, start_step: int):
+    """Training batches; stacked, [count, batch, ...], one stream per seed."""
+    streams = [task.train_batches(global_batch_size=global_batch_size,
+                                  seed=s, start_step=start_step)
+               for s in self.values]
+    if not self.stacked:
+      return streams[0]
+    return (jax.tree.map(lambda *xs: np.stack(xs), *group)
+            for group in zip(*streams))
+
+  def unstack(self, tree) -> list:
+    """A host tree with a leading seed axis -> one tree per seed."""
+    if not self.stacked:
+      return [tree]
+    return [jax.tree.map(lambda x, k=k: x[k], tree) for k in range(self.count)]
+
+  def first_of(self, tree):
+    """The first seed's part of a stacked (device) tree."""
+    return jax.tree.map(lambda x: x[0], tree) if self.stacked else tree
+
+
+def seeds_of(config) -> Seeds:
+  return Seeds(config.seed, config.num_seeds)
+
+
 def init_variables(rng, *, model: nn.Module, task):
   """The model's variables, parameters boxed with their logical axis names."""
   return model.init(rng, task.dummy_inputs(), train=False)
@@ -175,13 +252,15 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, task):
   return task.eval_sums(logits, batch)
 
 
-def evaluate(state, *, eval_fn, task, eval_batch_size, batch_sharding):
+def evaluate(state, *, eval_fn, task, eval_batch_size, batch_sharding,
+             seeds: Seeds = Seeds(0)):
   """Runs `eval_fn` over the whole eval split.
 
   Returns:
-    A flat dict of 'eval/...' scalars, the summed eval outputs (NumPy), and
-    the first local batch with its 'predictions' if the task has them (for
-    pictures).
+    A flat dict of 'eval/...' scalars per seed (a list of one for an
+    ordinary run), the first seed's summed eval outputs (NumPy), and the
+    first local batch with the first seed's 'predictions' if the task has
+    them (for pictures).
   """
   totals, first = None, None
   for local in task.eval_batches(global_batch_size=eval_batch_size):
@@ -193,11 +272,12 @@ def evaluate(state, *, eval_fn, task, eval_batch_size, batch_sharding):
       if 'predictions' in out:
         # They cover the global batch; this process's examples are its rows.
         rows = sharding.process_rows(batch_sharding, eval_batch_size)
-        first['predictions'] = np.asarray(
-            jax.device_get(out['predictions']))[rows]
-  totals = jax.device_get(totals)
-  scalars = {f'eval/{k}': v for k, v in task.eval_scalars(totals).items()}
-  return scalars, totals, first
+        first['predictions'] = np.asarray(jax.device_get(
+            seeds.first_of(out['predictions'])))[rows]
+  per_seed = seeds.unstack(jax.device_get(totals))
+  scalars = [{f'eval/{k}': v for k, v in task.eval_scalars(t).items()}
+             for t in per_seed]
+  return scalars, per_seed[0], first
 
 
 def total_train_steps(config, num_train_examples) -> int:
@@ -358,7 +438,13 @@ def layout_report(exp: Experiment, abstract_state: TrainState, shardings,
        for name in ('params', 'opt_state', 'model_state')})
 
 
-def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
+def _with_shardings(abstract_tree, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_tree, shardings)
+
+
+def init_or_restore(exp: Experiment, seeds: Seeds, manager, mesh, rules,
                     workdir: Optional[str] = None, init_from=None):
   """The train state: where a run starts, in this order.
 
@@ -366,8 +452,8 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
   2. else, if `init_from.workdir` is set, a fresh state whose parameters
      matching `init_from.params` come from that run's newest verified
      checkpoint (fine-tuning: the rest of the parameters and the optimizer
-     state start fresh);
-  3. else a fresh state from `seed`.
+     state start fresh; stacked seeds all start from the same ones);
+  3. else a fresh state from `seeds`.
 
   Shapes first (`jax.eval_shape`), then shardings, then a jitted init whose
   outputs are born on their devices (no device ever holds a full copy of a
@@ -375,30 +461,42 @@ def init_or_restore(exp: Experiment, seed: int, manager, mesh, rules,
   checkpoint was written from.
 
   Returns:
-    (state, state_sharding): the TrainState and its pytree of shardings.
+    (state, state_sharding): the TrainState (stacked for several seeds,
+    `Seeds`) and its pytree of shardings.
   """
-  init_fn = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                              task=exp.task)
-  rng = jax.random.PRNGKey(seed)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_sharding = state_shardings(exp, abstract_state, mesh, rules)
+  init_one = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
+                               task=exp.task)
+  # One seed's shapes and shardings, for the layout and for `init_from`.
+  one_state = jax.eval_shape(init_one, jax.random.PRNGKey(0))
+  one_sharding = state_shardings(exp, one_state, mesh, rules)
   _log_parameters(exp)
-  text = layout_report(exp, abstract_state, state_sharding, mesh)
+  text = layout_report(exp, one_state, one_sharding, mesh)
+  if seeds.stacked:
+    text += (f'\nSeeds {seeds.first}..{seeds.values[-1]} train together: '
+             f'the state holds {seeds.count} copies (a leading seed axis).')
   logging.info('Layout:\n%s', text)
   if workdir is not None and jax.process_index() == 0:
     with open(os.path.join(workdir, 'sharding.txt'), 'w') as f:
       f.write(text + '\n')
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
+  init_fn = seeds.vmap(init_one, in_axes=0, out_axes=SEED_AXES)
+  state_sharding = seeds.shardings(one_sharding)
+  abstract_state = _with_shardings(jax.eval_shape(init_fn, seeds.rng()),
+                                   state_sharding)
   state = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = jax.jit(init_fn, out_shardings=state_sharding)(seeds.rng())
     if init_from is not None and init_from.workdir:
       taken = checkpointing.load_params_from(
-          init_from.workdir, abstract_state.params, init_from.params)
-      state = state.replace(params=jax.tree_util.tree_map_with_path(
-          lambda path, x: taken.get(axes.path_text(path), x), state.params))
+          init_from.workdir, _with_shardings(one_state.params,
+                                             one_sharding.params),
+          init_from.params)
+      # A no-op broadcast for one seed; the same start for stacked seeds.
+      put = jax.jit(lambda params, taken: jax.tree_util.tree_map_with_path(
+          lambda path, x: jnp.broadcast_to(taken[axes.path_text(path)],
+                                           x.shape)
+          if axes.path_text(path) in taken else x, params),
+                    out_shardings=state_sharding.params)
+      state = state.replace(params=put(state.params, taken))
       logging.info('Starting from %d parameters of %s, the rest fresh',
                    len(taken), init_from.workdir)
     else:
@@ -429,7 +527,7 @@ def load_state(config, workdir: str, *, init_from=None,
     if require_checkpoint and manager.latest_step() is None:
       raise UserError(f'{workdir} has no checkpoint yet; train it first')
     state, state_sharding = init_or_restore(
-        exp, config.seed, manager, sharding.make_mesh(config.mesh),
+        exp, seeds_of(config), manager, sharding.make_mesh(config.mesh),
         sharding.rules_from_config(config), init_from=init_from)
   finally:
     manager.close()
@@ -458,8 +556,9 @@ def train_and_evaluate(config, workdir: str, *,
   check_config_drift(config, workdir, allow=allow_config_change)
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(workdir, config.checkpoint)
-  state, state_sharding = init_or_restore(exp, config.seed, manager, mesh,
-                                          rules, workdir, config.init_from)
+  seeds = seeds_of(config)
+  state, state_sharding = init_or_restore(exp, seeds, manager, mesh, rules,
+                                          workdir, config.init_from)
   if jax.process_index() == 0:
     _write_config(config, workdir)
   exp.task.save_assets(workdir)
@@ -467,47 +566,92 @@ def train_and_evaluate(config, workdir: str, *,
                config.model.name, exp.num_steps, config.batch_size,
                jax.device_count(), workdir)
 
+  # Stacked seeds read one batch each, [seeds, batch, ...], and share the
+  # eval batch.
+  batch_sharding = seeds.shardings(batch_sharding, axes=0)
   train_fn = jax.jit(
-      functools.partial(train_step, model=exp.model, tx=exp.tx,
-                        task=exp.task, l1=config.loss.l1,
-                        l2=config.loss.l2, schedule=exp.schedule,
-                        nan_at_steps=tuple(
-                            config.nonfinite.inject_nan_at_steps)),
+      seeds.vmap(functools.partial(
+          train_step, model=exp.model, tx=exp.tx, task=exp.task,
+          l1=config.loss.l1, l2=config.loss.l2, schedule=exp.schedule,
+          nan_at_steps=tuple(config.nonfinite.inject_nan_at_steps)),
+                 in_axes=(SEED_AXES, 0), out_axes=(SEED_AXES, 0)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(
-      functools.partial(eval_step, model=exp.model, task=exp.task),
+      seeds.vmap(functools.partial(eval_step, model=exp.model, task=exp.task),
+                 in_axes=(SEED_AXES, None), out_axes=0),
       in_shardings=(state_sharding, eval_sharding),
       # Replicated sums; predictions too, for the picture of process 0.
       out_shardings=sharding.replicated(mesh))
   run_eval = functools.partial(
-      evaluate, eval_fn=eval_fn, task=exp.task,
+      evaluate, eval_fn=eval_fn, task=exp.task, seeds=seeds,
       eval_batch_size=config.eval_batch_size, batch_sharding=eval_sharding)
   try:
     with _StopRequests() as stop:
-      eval_metrics = _train_loop(
-          config, workdir, exp=exp, state=state, train_fn=train_fn,
-          run_eval=run_eval, manager=manager, batch_sharding=batch_sharding,
-          stop=stop)
+      per_seed = _train_loop(
+          config, workdir, exp=exp, seeds=seeds, state=state,
+          train_fn=train_fn, run_eval=run_eval, manager=manager,
+          batch_sharding=batch_sharding, stop=stop)
   finally:
     # Also on an exception: a save in flight completes (or fails loudly)
     # rather than being abandoned half-written.
     manager.wait_until_finished()
     manager.close()
-  if eval_metrics is None:
+  if per_seed is None:
     logging.info('Stopped by SIGTERM after saving; rerun the same command to '
                  'resume')
     return {}
+  eval_metrics = mean_over_seeds(per_seed)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+    dirs = [workdir] + (seed_dirs(workdir, seeds) if seeds.stacked else [])
+    for path, metrics in zip(dirs, [eval_metrics] + per_seed):
+      with open(os.path.join(path, FINAL_METRICS_FILE), 'w') as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
   return eval_metrics
+
+
+FINAL_METRICS_FILE = 'final_metrics.json'
+
+
+def seed_dirs(workdir: str, seeds: Seeds) -> list[str]:
+  """WORKDIR/seed_{value} for each seed: where stacked seeds' metrics go."""
+  return [os.path.join(workdir, f'seed_{s}') for s in seeds.values]
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+  """The mean of each metric over seeds (the metrics of a single seed)."""
+  return {k: float(np.mean([m[k] for m in per_seed])) for k in per_seed[0]}
+
+
+class _Writers:
+  """The run's metric writer, plus one per seed when seeds are stacked (the
+  run's then records the mean over seeds)."""
+
+  def __init__(self, workdir: str, seeds: Seeds):
+    self._run = metric_writers.MetricWriter(workdir)
+    self._seeds = []
+    if seeds.stacked:
+      for path in seed_dirs(workdir, seeds):
+        os.makedirs(path, exist_ok=True)
+        self._seeds.append(metric_writers.MetricWriter(path))
+
+  def write(self, step: int, per_seed: list[dict]) -> dict:
+    """Writes each seed's metrics and their mean; returns the mean."""
+    mean = mean_over_seeds(per_seed)
+    self._run.write(step, mean)
+    for writer, metrics in zip(self._seeds, per_seed):
+      writer.write(step, metrics)
+    return mean
+
+  def close(self) -> None:
+    for writer in [self._run, *self._seeds]:
+      writer.close()
 
 
 def _stop_if_diverged(state, step: int, limit: int, manager) -> None:
   """Raises UserError once `limit` steps in a row were non-finite."""
-  streak = int(jax.device_get(state.nonfinite_streak))
+  streak = int(np.max(jax.device_get(state.nonfinite_streak)))
   if streak < limit:
     return
   manager.wait_until_finished()
@@ -547,25 +691,25 @@ class _StopRequests:
     return self._event.is_set()
 
 
-def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
-                batch_sharding, stop) -> Optional[dict]:
+def _train_loop(config, workdir, *, exp, seeds, state, train_fn, run_eval,
+                manager, batch_sharding, stop) -> Optional[list[dict]]:
   """Steps from `state.step` to the end.
 
   Returns:
-    The last eval metrics, or None if `stop` asked to stop early (the state
-    is then saved at the step reached).
+    The last eval metrics of each seed, or None if `stop` asked to stop
+    early (the state is then saved at the step reached).
   """
   num_steps = exp.num_steps
   start_step = int(jax.device_get(state.step))
   if start_step >= num_steps:
     # A finished run has nothing to train; it reports its final evaluation.
     return run_eval(state)[0]
-  writer = metric_writers.MetricWriter(workdir)
+  writer = _Writers(workdir, seeds)
   progress = metric_writers.ProgressBar(num_steps, start_step,
                                         enabled=config.progress_bar)
-  batches = exp.task.train_batches(global_batch_size=config.batch_size,
-                                   seed=config.seed, start_step=start_step)
-  eval_metrics = {}
+  batches = seeds.batches(exp.task, global_batch_size=config.batch_size,
+                          start_step=start_step)
+  per_seed, eval_metrics = [], {}
   pending = []  # Device-side metrics since the last write; fetched together.
   last_time = time.perf_counter()
   try:
@@ -584,25 +728,29 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
 
       if is_log:
         now = time.perf_counter()
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+        # Each entry is [] or, for stacked seeds, [seeds].
+        summary = {k: np.mean([m[k] for m in jax.device_get(pending)], axis=0)
                    for k in pending[0]}
-        summary['train/examples_per_sec'] = (
-            len(pending) * config.batch_size / (now - last_time))
-        writer.write(step, summary)
+        # All seeds' examples: the throughput of the program.
+        rate = len(pending) * config.batch_size * seeds.count / (
+            now - last_time)
+        summary = writer.write(step, [
+            {**m, 'train/examples_per_sec': rate}
+            for m in seeds.unstack(summary)])
         progress.update(step, loss=summary['train/loss'],
                         examples_per_sec=summary['train/examples_per_sec'])
         pending, last_time = [], now
 
       if is_eval:
-        eval_metrics, sums, first_batch = run_eval(state)
-        writer.write(step, eval_metrics)
+        per_seed, sums, first_batch = run_eval(state)
+        eval_metrics = writer.write(step, per_seed)
         logging.info('step %d: eval accuracy %.4f, loss %.4f', step,
                      eval_metrics['eval/accuracy'], eval_metrics['eval/loss'])
         if config.write_plots and jax.process_index() == 0:
           _write_pictures(workdir, step=step, task=exp.task, sums=sums,
                           first_batch=first_batch)
         exp.task.write_samples(workdir, step=step, model=exp.model,
-                               params=state.params,
+                               params=seeds.first_of(state.params),
                                samples_config=config.samples)
       if is_save:
         checkpointing.save(manager, state,
@@ -619,4 +767,4 @@ def _train_loop(config, workdir, *, exp, state, train_fn, run_eval, manager,
   finally:
     writer.close()
     progress.close()
-  return eval_metrics
+  return per_seed

@@ -20,6 +20,11 @@ def get_config(arg=None):
   # Seed for parameter init, dropout and the data order. Runs with equal
   # configs (seed included) are bitwise reproducible on one topology.
   c.seed = 0
+  # Seeds trained together: seed, seed + 1, ..., seed + num_seeds - 1, in one
+  # compiled program (`jax.vmap` over their init, dropout and data order; an
+  # ablation cell's seeds). Each seed's metrics go to WORKDIR/seed_{value}/
+  # and the run's own metrics are their means. 1 is an ordinary run.
+  c.num_seeds = 1
 
   # What is learned, and so which data, loss and metrics (bigjax/tasks.py):
   # 'classification' (images -> classes), 'text_classification' (passages ->
@@ -73,6 +78,9 @@ def get_config(arg=None):
   c.data.synthetic.max_length = 32
   # Alphabet size; for addition the number base.
   c.data.synthetic.num_symbols = 10
+  # Addition only: write operands with max_length digits and the sum with
+  # max_length + 1, leading zeros included (fixed place-value positions).
+  c.data.synthetic.zero_pad = False
   # The fixed eval set: its size and seed (the same for every run and seed).
   c.data.synthetic.num_eval_examples = 1024
   c.data.synthetic.eval_seed = 0

@@ -10,7 +10,10 @@ max_length]:
 
 Addition works in base `num_symbols` (10: decimal); its operands have
 n_a and n_b digits, each drawn uniformly from [min_length, max_length], no
-leading zeros, most significant digit first, as are the sum's digits.
+leading zeros, most significant digit first, as are the sum's digits. With
+`zero_pad`, every operand is written with max_length digits and the sum with
+max_length + 1 (leading zeros), so digits of one place value always sit at
+the same positions (the values drawn are the same).
 
 Token ids (`vocab_size` in all):
 
@@ -41,7 +44,7 @@ lengths the space of examples is small, and eval examples then also occur in
 training by chance; the ablations are about long sequences.)
 
 Config (`config.data.synthetic`): task, min_length, max_length, num_symbols,
-num_eval_examples, eval_seed.
+zero_pad, num_eval_examples, eval_seed.
 """
 
 from collections.abc import Iterator
@@ -180,10 +183,12 @@ def _big_endian(digits, num_digits, width, offset):
   return np.where(inside, np.take_along_axis(digits, source, axis=1), -1)
 
 
-def _addition(rng, n, min_length, max_length, base) -> Batch:
+def _addition(rng, n, min_length, max_length, base, zero_pad) -> Batch:
   """n additions 'a+b=' -> digits of a + b (module docstring)."""
   a, a_len = _random_numbers(rng, n, min_length, max_length, base)
   b, b_len = _random_numbers(rng, n, min_length, max_length, base)
+  if zero_pad:  # The digits past a number's length are already zeros.
+    a_len = b_len = np.full(n, max_length)
   # Schoolbook addition with carries, digit by digit, for the whole batch.
   total = np.zeros((n, max_length + 1), np.int64)
   carry = np.zeros(n, np.int64)
@@ -194,6 +199,8 @@ def _addition(rng, n, min_length, max_length, base) -> Batch:
   nonzero = total != 0
   total_len = np.where(nonzero.any(axis=1),
                        max_length + 1 - np.argmax(nonzero[:, ::-1], axis=1), 1)
+  if zero_pad:
+    total_len = np.full(n, max_length + 1)
   width, answer_width = padded_lengths('addition', max_length)
   a_digits = _big_endian(a, a_len, width, np.zeros(n, np.int64))
   b_digits = _big_endian(b, b_len, width, a_len + 1)
@@ -217,7 +224,8 @@ def make_examples(task_config, rng: np.random.Generator, n: int) -> Batch:
   """
   c = task_config
   if c.task == 'addition':
-    return _addition(rng, n, c.min_length, c.max_length, c.num_symbols)
+    return _addition(rng, n, c.min_length, c.max_length, c.num_symbols,
+                     c.zero_pad)
   return _symbol_task(c.task, rng, n, c.min_length, c.max_length,
                       c.num_symbols)
 
