@@ -152,7 +152,8 @@ BLOCK_KWARGS = dict(num_heads=HEADS, num_kv_heads=KV_HEADS, mlp_dim=MLP)
     ('none', False, False, 'none', False),
     ('all', False, True, 'full', True),
     ('ffn', True, False, 'none', False),
-    ('attention', False, False, 'none', True)])
+    ('attention', False, False, 'none', True),
+    ('none', True, False, 'save_dots', True)])
 def test_scan_equals_unrolled_loop(sharing, cross, step_encoding, remat,
                                    with_grads):
   """Outputs, and (where compiled: it is slow) gradients: a shared parameter's

@@ -40,7 +40,18 @@ from bigjax.models import param_counts
 from bigjax.models import positional as positional_lib
 
 CROSS_LAYER_SHARING = ('none', 'all', 'attention', 'ffn')
-REMAT = ('none', 'full')
+# Activation rematerialisation of each layer in the backward pass:
+#   'none': keep every activation the backward pass reads;
+#   'full': keep only each layer's input, recompute the rest (activation
+#     memory of one layer instead of all, about one more forward pass);
+#   'save_dots': keep the products with weight matrices (projections, MLP),
+#     recompute the cheap rest (norms, activations, attention scores, which
+#     are the O(length^2) part).
+REMAT = ('none', 'full', 'save_dots')
+_REMAT_POLICIES = {
+    'full': None,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 _LAYERS_AXIS = {nn.PARTITION_NAME: 'layers'}
 
 
@@ -215,8 +226,8 @@ class LayerStack(nn.Module):
     cross_layer_sharing: 'none', 'all', 'attention' or 'ffn' (module doc).
     step_encoding: add a sinusoidal encoding of the layer index before each
       layer (the Universal Transformer's timestep embedding; no parameters).
-    remat: 'none', or 'full' to recompute each layer in the backward pass
-      (activation memory of one layer instead of all).
+    remat: 'none', 'full' or 'save_dots': what each layer keeps for the
+      backward pass (`REMAT`).
   """
   block: Callable[..., nn.Module]
   num_layers: int
@@ -251,8 +262,10 @@ class LayerStack(nn.Module):
         x = x + positional_lib.sinusoidal_encoding(step, x.shape[-1])
       return block(x, train=train, **inputs), None
 
-    if self.remat == 'full':
-      body = nn.remat(body, prevent_cse=False)  # The scan already stops CSE.
+    if self.remat != 'none':
+      # The scan already stops CSE.
+      body = nn.remat(body, prevent_cse=False,
+                      policy=_REMAT_POLICIES[self.remat])
     stacked = sharing != 'all'
     scan = nn.scan(
         body,
@@ -407,7 +420,8 @@ class _TransformerFields(nn.Module):
     positional: 'learned', 'sinusoidal' or 'rope' (ViT: not 'rope').
     cross_layer_sharing: 'none', 'all', 'attention' or 'ffn'.
     step_encoding: per-layer timestep encoding (Universal Transformer).
-    remat: 'none' or 'full' (recompute each layer in the backward pass).
+    remat: 'none', 'full' or 'save_dots' (`REMAT`: what each layer keeps
+      for the backward pass).
   """
   d_model: int = 128
   num_layers: int = 4
