@@ -71,9 +71,30 @@ def _encode_prompt(config, exp, prompt: str):
   if unknown:
     raise UserError(f'prompt characters {unknown} are not symbols of the '
                     f'{task.task!r} task; use {"".join(sorted(symbols))}')
+  padded = task.task == 'addition' and task.get('zero_pad', False)
+  if padded:
+    prompt = _zero_pad_operands(prompt, task.max_length)
   src = jnp.asarray([[symbols[ch] for ch in prompt]], jnp.int32)
-  return {'src': src}, lambda ids: ''.join(
-      names.get(int(i), '') for i in ids if int(i) > decoding.EOS_ID)
+
+  def decode(ids):
+    text = ''.join(names.get(int(i), '') for i in ids
+                   if int(i) > decoding.EOS_ID)
+    # A zero-padded sum is shown as a number: 013023 -> 13023.
+    return (text.lstrip('0') or text[-1:]) if padded else text
+  return {'src': src}, decode
+
+
+def _zero_pad_operands(prompt: str, digits: int) -> str:
+  """'123+45=' -> '00123+00045=' for a run trained on zero-padded operands
+  (`config.data.synthetic.zero_pad`) of `digits` digits."""
+  body = prompt[:-1] if prompt.endswith('=') else prompt
+  operands = body.split('+')
+  if len(operands) != 2 or not all(op.isdigit() for op in operands):
+    raise UserError(f'prompt {prompt!r} is not an addition like 123+45=')
+  if max(map(len, operands)) > digits:
+    raise UserError(f'prompt {prompt!r} has an operand of more than {digits} '
+                    'digits, the most this run was trained on')
+  return '+'.join(op.zfill(digits) for op in operands) + '='
 
 
 def generate(workdir: str, prompt: str, *, max_len: int, method: str,

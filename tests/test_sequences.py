@@ -16,6 +16,7 @@ import pytest
 from bigjax import generate
 from bigjax import metric_writers
 from bigjax import train
+from bigjax.errors import UserError
 from configs import lstm_shakespeare
 from configs import shakespeare_play_finetune
 from configs import transformer_seq2seq
@@ -131,3 +132,12 @@ def test_seq2seq_trains_and_answers(tmp_path):
   (answer,) = generate.generate(str(tmp_path), '12+34=', max_len=4,
                                 method='greedy')
   assert set(answer) <= set('0123456789')
+
+
+def test_zero_padded_addition_prompts():
+  """A run trained on zero-padded operands reads prompts written without."""
+  assert generate._zero_pad_operands('12+345=', 5) == '00012+00345='
+  with pytest.raises(UserError, match='more than 5 digits'):
+    generate._zero_pad_operands('123456+1=', 5)
+  with pytest.raises(UserError, match='not an addition'):
+    generate._zero_pad_operands('12-3=', 5)

@@ -414,7 +414,7 @@ def task_config(task, **overrides):
   """`config.data.synthetic`, with the keys synthetic.py reads."""
   c = ml_collections.ConfigDict(dict(
       task=task, min_length=1, max_length=12, num_symbols=10,
-      num_eval_examples=100, eval_seed=0))
+      zero_pad=False, num_eval_examples=100, eval_seed=0))
   c.update(overrides)
   return c
 
@@ -486,6 +486,30 @@ def test_addition_targets_are_the_sums(base, max_length):
     assert len(answer) == max(1, len(np.base_repr(total, base)))
     numbers.append(len(a))
   assert min(numbers) == 1 and max(numbers) == max_length
+
+
+def test_zero_padded_addition_has_fixed_place_values():
+  """The same sums as unpadded, written with max_length operand digits and
+  max_length + 1 sum digits, leading zeros included."""
+  plain = next(synthetic.train_batches(task_config('addition', max_length=5),
+                                       global_batch_size=64, seed=3))
+  padded = next(synthetic.train_batches(
+      task_config('addition', max_length=5, zero_pad=True),
+      global_batch_size=64, seed=3))
+  assert padded['input_mask'].all() and padded['target_mask'].all()
+  plus, equals = synthetic.plus_id(10), synthetic.equals_id(10)
+  assert (padded['inputs'][:, 5] == plus).all()
+  assert (padded['inputs'][:, 11] == equals).all()
+  for i in range(64):
+    a, b = padded['inputs'][i, :5], padded['inputs'][i, 6:11]
+    source = list(real_tokens(plain, 'inputs', i))
+    want_a = source[:source.index(plus)]
+    want_b = source[source.index(plus) + 1:-1]
+    assert digits_value(a, 10) == digits_value(want_a, 10)
+    assert digits_value(b, 10) == digits_value(want_b, 10)
+    answer = padded['targets'][i, :6]
+    assert padded['targets'][i, 6] == synthetic.EOS_ID
+    assert digits_value(answer, 10) == digits_value(a, 10) + digits_value(b, 10)
 
 
 @pytest.mark.parametrize('task', synthetic.TASKS)
