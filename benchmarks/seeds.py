@@ -10,7 +10,10 @@ one process: the vmapped arm is one run with `config.num_seeds=N`, the
 sequential arm N runs with `num_seeds=1`, as an ablation cell runs them with
 `seeds_in_one_program` True or False. It prints the wall time of each arm,
 their ratio, and the largest difference between the two arms' final metrics
-per seed (they should agree to float rounding).
+per seed. Batched kernels sum in another order than a lone run's, so the
+arms agree to float rounding after a few steps (`tests/test_seeds.py`: 1e-5
+after 20) and drift apart like any two runs that differ by rounding over
+hundreds of steps: compare accuracies and losses, not bits.
 """
 
 from bigjax import platform
@@ -65,17 +68,18 @@ def main(argv):
                              os.path.join(sequential, f'seed_{seed}'))
   sequential_s = time.perf_counter() - start
 
-  difference = 0.0
+  accuracy, loss = 0.0, 0.0
   for seed in seeds:
     a = _final(os.path.join(vmapped, 'run', f'seed_{seed}'))
     b = _final(os.path.join(sequential, f'seed_{seed}'))
-    difference = max(difference, *(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
-                                   for k in b))
+    accuracy = max(accuracy, abs(a['eval/accuracy'] - b['eval/accuracy']))
+    loss = max(loss, abs(a['eval/loss'] / b['eval/loss'] - 1))
   record = {
       'config': _CONFIG.value, 'num_seeds': len(seeds), 'steps': _STEPS.value,
       'vmapped_s': vmapped_s, 'sequential_s': sequential_s,
       'speedup': sequential_s / vmapped_s,
-      'max_relative_metric_difference': difference,
+      'max_accuracy_difference': accuracy,
+      'max_relative_loss_difference': loss,
   }
   report.write([record], [
       ('config', lambda r: r['config']),
@@ -84,7 +88,8 @@ def main(argv):
       ('vmapped (s)', lambda r: f'{r["vmapped_s"]:.1f}'),
       ('sequential (s)', lambda r: f'{r["sequential_s"]:.1f}'),
       ('speedup', lambda r: f'{r["speedup"]:.2f}x'),
-      ('max rel. metric diff', lambda r: f'{r["max_relative_metric_difference"]:.1e}'),
+      ('max eval accuracy diff', lambda r: f'{r["max_accuracy_difference"]:.4f}'),
+      ('max eval loss diff', lambda r: f'{r["max_relative_loss_difference"]:.1%}'),
   ], json_path=_JSON.value, title='Seeds in one program')
 
 
