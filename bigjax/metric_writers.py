@@ -73,6 +73,20 @@ def read_history(workdir: str, *, up_to_step: int | None = None) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` through a temporary file and a rename, so a reader (or a
+  rerun after a kill) sees the old file or the whole new one."""
+  temporary = f'{path}.tmp'
+  with open(temporary, 'w') as f:
+    f.write(text)
+  os.replace(temporary, path)
+
+
+def write_json_atomic(path: str, value) -> None:
+  """`write_atomic` of `value` as indented JSON."""
+  write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
+
+
 class ProgressBar:
   """Step, loss, examples/s and ETA on one console line.
 

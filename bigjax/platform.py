@@ -1,9 +1,11 @@
 """Process-wide settings, applied by entry points before JAX starts.
 
-XLA flags and joining a multi-process job. This module must not import jax
-at the top: XLA reads XLA_FLAGS once, when the first backend is created.
+XLA flags, the compilation cache and joining a multi-process job. This
+module must not import jax at the top: XLA reads XLA_FLAGS once, when the
+first backend is created.
 """
 
+import contextlib
 import os
 
 # XLA:CPU routes dots, convolutions and reductions to YNNPACK by default.
@@ -53,3 +55,34 @@ def initialize_distributed(*, coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: str):
+  """Keeps the XLA programs compiled inside the block in `directory`.
+
+  A program compiled before, here or by an earlier process, is then read
+  back instead of compiled again: an ablation compiles the same programs
+  (init, train and eval steps, checkpoint fingerprints) once per seed and
+  again after a restart. On the 2-core machine (load ~6) a 5-step seq2seq
+  run took 75-81 s cold and 10 s with its programs cached, with bitwise
+  equal results. If the user already set `jax_compilation_cache_dir`, that
+  cache is used and nothing changes; otherwise the previous settings come
+  back on exit, so the process does not keep writing into `directory`.
+  """
+  import jax  # Imported late: setting XLA flags above must precede jax.
+  from jax.experimental.compilation_cache import compilation_cache as cache
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_compilation_cache_dir', directory)
+  # Every program: a run's many sub-second compiles add up to most of a
+  # short run's compile time.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_compilation_cache_dir', None)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', previous)
+    cache.reset_cache()

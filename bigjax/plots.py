@@ -1,4 +1,5 @@
-"""PNG plots of training curves, predictions, confusion matrices, attention.
+"""PNG plots of training curves, predictions, confusion matrices, attention,
+and of results across runs (bars and lines with error bars).
 
 Every function builds a `matplotlib.figure.Figure` and renders it with the Agg
 canvas directly instead of going through pyplot. That leaves the global
@@ -221,6 +222,78 @@ def plot_attention(weights, path, *, query_tokens=None, key_tokens=None,
   fig.colorbar(im, ax=axes, shrink=0.8)
   if title:
     fig.suptitle(title)
+  return _save(fig, path)
+
+
+def plot_bars(names: Sequence[str], means, errors, path, *, ylabel: str,
+              title=None, highlight=None) -> str:
+  """One bar per entry with an error bar, e.g. an ablation's cells.
+
+  Args:
+    names: the bars' labels, left to right.
+    means, errors: [len(names)] bar heights and error-bar half-widths (e.g.
+      95% intervals over seeds; 0 draws none).
+    path: where to write the PNG.
+    ylabel: what the bars measure.
+    title: optional figure title.
+    highlight: the name of a bar drawn in another colour (e.g. the baseline).
+
+  Returns:
+    `path` as a str.
+  """
+  fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 4.5),
+               layout='constrained')
+  ax = fig.subplots()
+  colors = ['tab:orange' if n == highlight else 'tab:blue' for n in names]
+  ax.bar(range(len(names)), means, yerr=errors, color=colors, capsize=4)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha='right',
+                fontsize='small')
+  ax.set_ylabel(ylabel)
+  # Bars start at 0, which would flatten differences between nearby means
+  # (e.g. accuracies of 0.91 and 0.92): show the range that holds the data.
+  low = np.asarray(means, np.float64) - np.asarray(errors, np.float64)
+  high = np.asarray(means, np.float64) + np.asarray(errors, np.float64)
+  if len(names) and np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
+    pad = 0.15 * max(float(high.max() - low.min()), 1e-12)
+    ax.set_ylim(float(low.min()) - pad, float(high.max()) + pad)
+  ax.grid(True, axis='y', alpha=0.3)
+  if title:
+    ax.set_title(title)
+  return _save(fig, path)
+
+
+def plot_series(series: Mapping[str, tuple], path, *, xlabel: str,
+                ylabel: str, title=None, log_x: bool = False) -> str:
+  """Lines of points with error bars, one line per series.
+
+  Args:
+    series: {line label: (x [n], means [n], errors [n])}; each line is drawn
+      in order of x.
+    path: where to write the PNG.
+    xlabel, ylabel: the axes' labels.
+    title: optional figure title.
+    log_x: a logarithmic x axis.
+
+  Returns:
+    `path` as a str.
+  """
+  fig = Figure(figsize=(6, 4.5), layout='constrained')
+  ax = fig.subplots()
+  for label, (x, means, errors) in series.items():
+    order = np.argsort(np.asarray(x, np.float64), kind='stable')
+    ax.errorbar(np.asarray(x, np.float64)[order],
+                np.asarray(means, np.float64)[order],
+                yerr=np.asarray(errors, np.float64)[order], label=label,
+                marker='o', capsize=3)
+  if log_x:
+    ax.set_xscale('log')
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, alpha=0.3)
+  if series:
+    ax.legend(fontsize='small')
+  if title:
+    ax.set_title(title)
   return _save(fig, path)
 
 

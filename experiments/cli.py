@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 import bigjax
+from bigjax import config_files
 from bigjax.errors import UserError
 import experiments
 
@@ -50,17 +51,6 @@ def log_own_info_only() -> None:
   """INFO logging for bigjax's own messages; warnings and errors for all."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
-
-
-def _dotted_keys(config, prefix=''):
-  """All key paths of a ConfigDict: {'seed', 'optimizer', 'optimizer.name', ...}."""
-  keys = set()
-  for k, v in config.items():
-    path = f'{prefix}{k}'
-    keys.add(path)
-    if hasattr(v, 'items'):
-      keys |= _dotted_keys(v, f'{path}.')
-  return keys
 
 
 def _overrides(argv, flag_name):
@@ -134,7 +124,7 @@ def parse_flags(argv, *, config_flag='config'):
          for a in argv[1:]):
     return flags.FLAGS(argv)  # absl prints the help and exits.
   try:
-    known = _dotted_keys(_config_alone(argv, config_flag))
+    known = config_files.key_paths(_config_alone(argv, config_flag))
     for key, arg in _overrides(argv, config_flag):
       if key not in known:
         close = difflib.get_close_matches(key, sorted(known), n=1)

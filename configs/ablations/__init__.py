@@ -1,0 +1,1 @@
+"""Ablation configs for `python -m experiments.ablate`; see base.py."""
