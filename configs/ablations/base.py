@@ -116,6 +116,16 @@ END_POINTS = {
     'samples.num_tokens': 0,
 }
 
+# The character LM the attention ablations vary (configs/transformer_shakespeare.py
+# made small: 64-character context, width 64, MLP 256), and what they report.
+SMALL_CHAR_LM = {
+    'data.seq_len': 64,
+    'model.max_len': 64,
+    'model.d_model': 64,
+    'model.mlp_dim': 256,
+}
+LM_METRICS = (('eval/bits_per_token', 'lower'), ('eval/accuracy', 'higher'))
+
 
 def nested(dotted: dict) -> ml_collections.ConfigDict:
   """A ConfigDict tree from {'a.b': value}: the form `overrides` takes."""

@@ -36,11 +36,8 @@ def get_config(arg=None):
   c = base.get_config()
   c.base_config = 'configs/transformer_shakespeare.py'
   c.overrides = base.nested({
-      'data.seq_len': 64,
-      'model.max_len': 64,
-      'model.d_model': 64,
+      **base.SMALL_CHAR_LM,
       'model.num_layers': 2,
-      'model.mlp_dim': 256,
       'optimizer.warmup_steps': 40,
       **base.END_POINTS,
       'log_every_steps': 25,
@@ -54,7 +51,7 @@ def get_config(arg=None):
   c.num_seeds = 3
   c.budget.kind = 'steps'
   c.budget.value = 400.0
-  c.metrics = (('eval/bits_per_token', 'lower'), ('eval/accuracy', 'higher'))
+  c.metrics = base.LM_METRICS
   c.plot.x = 'model.head_dim'
   c.plot.log_x = True
   return base.apply_variant(c, arg, 'heads_dk')

@@ -43,6 +43,6 @@ def get_config(arg=None):
   c.num_seeds = 3
   c.budget.kind = 'steps'
   c.budget.value = 400.0
-  c.metrics = (('eval/bits_per_token', 'lower'), ('eval/accuracy', 'higher'))
+  c.metrics = base.LM_METRICS
   c.plot.x = 'unique_parameters'
   return base.apply_variant(c, arg, 'tied_embeddings')
