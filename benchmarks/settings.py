@@ -8,7 +8,6 @@ pipeline's keys, shapes and dtypes.
 
 import dataclasses
 import os
-from unittest import mock
 
 import numpy as np
 
@@ -75,8 +74,7 @@ def described_task(config, loss_fn, workdir=None):
 
 def synthetic_experiment(config) -> train.Experiment:
   """`train.build_experiment(config)` on described data (no dataset)."""
-  with mock.patch.object(tasks, 'make_task', described_task):
-    return train.build_experiment(config)
+  return train.build_experiment(config, make_task=described_task)
 
 
 def synthetic_batch(config, seed: int = 0) -> dict:

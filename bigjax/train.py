@@ -362,14 +362,17 @@ class Experiment:
         jax.random.PRNGKey(0))
 
 
-def build_experiment(config, workdir: Optional[str] = None) -> Experiment:
+def build_experiment(config, workdir: Optional[str] = None, *,
+                     make_task=tasks.make_task) -> Experiment:
   """Validates `config` and builds the objects it names (no compute).
 
   `workdir` is only read (a resumed language model reuses its tokenizer).
+  `make_task(config, loss_fn, workdir)` builds the task; benchmarks pass one
+  that describes the data instead of reading a prepared dataset.
   Raises UserError for a bad config or missing data.
   """
   config_validation.validate(config)
-  task = tasks.make_task(config, losses.make_loss(config.loss), workdir)
+  task = make_task(config, losses.make_loss(config.loss), workdir)
   model_cls, model_kwargs = config_validation.model_class_and_kwargs(
       config.model)
   for key, want in task.model_kwargs.items():
