@@ -113,6 +113,16 @@ def test_xla_and_chunked_kernels_equal_einsum(case, kv_heads):
     got = _attention(q, k, v, kernel=kernel, **extra, **kwargs)
     np.testing.assert_allclose(got, expected, atol=1e-5,
                                err_msg=f'{kernel} {extra}')
+  # The chunked kernel's own VJP gives the einsum kernel's gradients.
+  probe = np.random.default_rng(4).normal(size=expected.shape)
+
+  def grads(kernel):
+    return jax.grad(lambda q, k, v: jnp.sum(probe * attention.dot_product_attention(
+        q, k, v, kernel=kernel, chunk_size=3, **kwargs)), argnums=(0, 1, 2))(
+            q, k, v)
+
+  for got, want, name in zip(grads('chunked'), grads('einsum'), 'qkv'):
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f'd{name}')
 
 
 @pytest.mark.parametrize('kernel', ['einsum', 'xla', 'chunked'])
@@ -159,6 +169,25 @@ def test_chunked_memory_is_linear_in_length():
   assert einsum[1] > 3.5 * einsum[0]
   assert chunked[1] < 2.5 * chunked[0]
   assert chunked[1] < einsum[1] / 8
+
+
+def test_chunked_backward_memory_is_linear_in_length():
+  """The chunked kernel's backward pass recomputes each chunk's softmax
+  from the output and the rows' log-sum-exp: its temporaries grow linearly
+  with the length, not with length x number of chunks as when the scan is
+  differentiated (which stores an accumulator per chunk)."""
+  def temp_bytes(length):
+    shape = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+    f = jax.jit(jax.grad(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, is_causal=True, kernel='chunked', chunk_size=64).sum(),
+                         argnums=(0, 1, 2)))
+    return f.lower(shape, shape, shape).compile().memory_analysis(
+    ).temp_size_in_bytes
+
+  small, large = temp_bytes(2048), temp_bytes(8192)
+  # 4x the length: ~4x the memory; storing a [t, d] accumulator per chunk
+  # would be ~16x.
+  assert large < 5 * small, (small, large)
 
 
 def test_multi_head_attention_equals_flax_given_the_same_weights():

@@ -150,76 +150,166 @@ def _chunked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   carrying the running row maximum m, the running softmax denominator l and
   the unnormalised output; each chunk rescales them by exp(m_old - m_new).
   Causal and padding masks are built per chunk from positions and validity
-  vectors, so the forward pass holds O(q_len * chunk_size) logits rather than
-  O(q_len * kv_len). The chunk body is rematerialised in the backward pass,
-  which then stores only the carries: O(q_len * head_dim * kv_len /
-  chunk_size). A dense `mask` still works but is itself O(q_len * kv_len).
+  vectors, so no pass holds more than O(q_len * chunk_size) logits. The
+  backward pass (`_flash`'s custom VJP) keeps only the output and each row's
+  log-sum-exp from the forward pass and recomputes each chunk's softmax from
+  them, as FlashAttention-2 does: memory O((q_len + kv_len) * head_dim), not
+  the O(q_len * head_dim * kv_len / chunk_size) of differentiating the scan.
+  Logits, softmax statistics and accumulators are float32 (or wider, for
+  float64 inputs); the output has the dtype of q. A dense `mask` still works but is
+  itself O(q_len * kv_len).
   """
   b, t, n, d = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
-  g = n // kv_heads
-  qg = _group_queries(q, kv_heads) * (d ** -0.5)
+  qg = _group_queries(q, kv_heads) * jnp.asarray(d ** -0.5, q.dtype)
   num_chunks = -(-s // chunk_size)
   pad = num_chunks * chunk_size - s
   if kv_valid is None:
     kv_valid = jnp.ones((b, s), bool)
-  # Padding keys up to whole chunks: they are marked invalid.
-  kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
 
   def chunked(x, axis):
-    """Splits `axis` (length s + pad) into [num_chunks, ..., chunk, ...]."""
+    """Pads `axis` (length s) to whole chunks and splits it:
+    [..., s, ...] -> [num_chunks, ..., chunk_size, ...]."""
+    x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
     x = jnp.moveaxis(x, axis, 0)
     x = x.reshape((num_chunks, chunk_size) + x.shape[1:])
     return jnp.moveaxis(x, 1, axis + 1)
 
-  pad_kv = ((0, 0), (0, pad), (0, 0), (0, 0))
-  xs = {'k': chunked(jnp.pad(k, pad_kv), 1),
-        'v': chunked(jnp.pad(v, pad_kv), 1),
-        'valid': chunked(kv_valid, 1),
-        'start': jnp.arange(num_chunks) * chunk_size}
+  # Padding keys are invalid (jnp.pad fills False).
+  vis = {'valid': chunked(kv_valid, 1),
+         'start': jnp.arange(num_chunks) * chunk_size}
   if mask is not None:
     mask = _as_4d(jnp.asarray(mask, bool))
-    if mask.shape[-1] != 1:
-      mask = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad),))
-      xs['mask'] = chunked(mask, 3)
-  q_pos = jnp.arange(t)[:, None] + (s - t)  # Aligned as in causal_mask.
+    mb, mh = mask.shape[:2]
+    # [b|1, heads|1, t|1, s|1] -> [b|1, K|1, g|1, t|1, s|1], as the logits.
+    mask = (mask.reshape((mb, kv_heads, n // kv_heads) + mask.shape[2:])
+            if mh == n else mask[:, :, None])
+    if mask.shape[-1] == 1:
+      vis['mask_all'] = mask
+    else:
+      vis['mask'] = chunked(mask, 4)
+  out = _flash(_FlashShape(t, s, is_causal), qg, chunked(k, 1),
+               chunked(v, 1), vis)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
+  if q_valid is not None:
+    out = jnp.where(q_valid[:, :, None, None], out, 0.0)
+  return out
 
-  @jax.checkpoint
-  def step(carry, chunk):
+
+class _FlashShape(NamedTuple):
+  """Static facts of a `_flash` call (hashable, a custom_vjp nondiff arg)."""
+  q_len: int
+  kv_len: int  # Before padding to whole chunks.
+  is_causal: bool
+
+
+def _stat_dtype(x):
+  """float32, or x's dtype if wider: logits and softmax statistics never
+  drop below float32 (bfloat16 inputs) nor below the input (float64 tests)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _chunk_logits(shape: _FlashShape, qg, k_chunk, vis_chunk):
+  """Logits [b, K, g, t, c] of one key chunk in `_stat_dtype`, and where
+  they are visible (bool, broadcastable to them)."""
+  logits = jnp.einsum('btkgd,bckd->bkgtc', qg, k_chunk,
+                      preferred_element_type=_stat_dtype(qg))
+  visible = vis_chunk['valid'][:, None, None, None, :]
+  if shape.is_causal:
+    c = k_chunk.shape[1]
+    # Aligned as in causal_mask: the last query sees the last key.
+    q_pos = jnp.arange(shape.q_len)[:, None] + (shape.kv_len - shape.q_len)
+    visible = visible & (vis_chunk['start'] + jnp.arange(c) <= q_pos)
+  for key in ('mask', 'mask_all'):
+    if key in vis_chunk:
+      visible = visible & vis_chunk[key]
+  return logits, visible
+
+
+def _scan_chunks(body, init, k_chunks, v_chunks, vis):
+  """`lax.scan` of body(carry, k_chunk, v_chunk, vis_chunk) over key chunks;
+  'mask_all' (not chunked) is passed whole to every chunk."""
+  whole = {key: x for key, x in vis.items() if key == 'mask_all'}
+  per_chunk = {key: x for key, x in vis.items() if key != 'mask_all'}
+  return lax.scan(
+      lambda carry, xs: body(carry, xs[0], xs[1], {**xs[2], **whole}),
+      init, (k_chunks, v_chunks, per_chunk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(shape: _FlashShape, qg, k_chunks, v_chunks, vis):
+  """[b, K, g, t, d] in `_stat_dtype`: attention of grouped, pre-scaled qg
+  [b, t, K, g, d] over keys and values [num_chunks, b, c, K, d]."""
+  return _flash_forward(shape, qg, k_chunks, v_chunks, vis)[0]
+
+
+def _flash_forward(shape, qg, k_chunks, v_chunks, vis):
+  """The output and each query row's log-sum-exp [b, K, g, t] (0 for rows
+  that see no key)."""
+  b, t, kv_heads, g, d = qg.shape
+  wide = _stat_dtype(qg)
+
+  def body(carry, k_chunk, v_chunk, vis_chunk):
     m, l, acc = carry  # [b, K, g, t], [b, K, g, t], [b, K, g, t, d]
-    logits = jnp.einsum('btkgd,bckd->bkgtc', qg, chunk['k'])
-    visible = chunk['valid'][:, None, None, None, :]
-    if is_causal:
-      k_pos = chunk['start'] + jnp.arange(chunk_size)
-      visible = visible & (k_pos[None, :] <= q_pos)
-    if mask is not None:
-      m4 = chunk['mask'] if 'mask' in chunk else mask
-      mb, mh = m4.shape[:2]
-      # [b|1, heads|1, ...] -> [b|1, K|1, g|1, ...] to match the logits.
-      m5 = m4.reshape((mb, kv_heads, g) + m4.shape[2:]) if mh == n else (
-          m4[:, :, None])
-      visible = visible & m5
-    logits = jnp.where(visible, logits, _MASKED)
-    m_new = jnp.maximum(m, logits.max(-1))
+    logits, visible = _chunk_logits(shape, qg, k_chunk, vis_chunk)
+    m_new = jnp.maximum(m, jnp.where(visible, logits, _MASKED).max(-1))
     # Masked entries are zeroed explicitly: in a row with nothing visible yet
     # m_new is _MASKED itself and exp(0) would count them.
     p = jnp.where(visible, jnp.exp(logits - m_new[..., None]), 0.0)
     rescale = jnp.exp(m - m_new)
     l = l * rescale + p.sum(-1)
-    acc = acc * rescale[..., None] + jnp.einsum('bkgtc,bckd->bkgtd', p,
-                                                chunk['v'])
+    acc = acc * rescale[..., None] + jnp.einsum(
+        'bkgtc,bckd->bkgtd', p.astype(v_chunk.dtype), v_chunk,
+        preferred_element_type=wide)
     return (m_new, l, acc), None
 
-  init = (jnp.full((b, kv_heads, g, t), _MASKED, q.dtype),
-          jnp.zeros((b, kv_heads, g, t), q.dtype),
-          jnp.zeros((b, kv_heads, g, t, d), q.dtype))
-  (_, l, acc), _ = lax.scan(step, init, xs)
+  stats = jnp.zeros((b, kv_heads, g, t), wide)
+  init = (stats + _MASKED, stats, jnp.zeros((b, kv_heads, g, t, d), wide))
+  (m, l, acc), _ = _scan_chunks(body, init, k_chunks, v_chunks, vis)
   # Rows that saw no key have l == 0 and acc == 0: they output zeros.
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-  if q_valid is not None:
-    out = jnp.where(q_valid[:, :, None, None], out, 0.0)
-  return out
+  seen = l > 0
+  out = acc / jnp.where(seen, l, 1.0)[..., None]
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+  return out, lse
+
+
+def _flash_fwd(shape, qg, k_chunks, v_chunks, vis):
+  out, lse = _flash_forward(shape, qg, k_chunks, v_chunks, vis)
+  return out, (qg, k_chunks, v_chunks, vis, out, lse)
+
+
+def _flash_bwd(shape, residuals, d_out):
+  """Gradients chunk by chunk from the softmax p = exp(logits - lse):
+  dv = p^T dO, dp = dO v^T, ds = p (dp - rowsum(dO * O)), dq = ds k,
+  dk = ds^T q."""
+  qg, k_chunks, v_chunks, vis, out, lse = residuals
+  wide = _stat_dtype(qg)
+  row_dot = jnp.sum(d_out * out, -1)  # [b, K, g, t]
+  d_out_c = d_out.astype(v_chunks.dtype)
+
+  def body(dq, k_chunk, v_chunk, vis_chunk):
+    logits, visible = _chunk_logits(shape, qg, k_chunk, vis_chunk)
+    p = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)
+    # The products run in the inputs' dtype (bfloat16 under mixed precision)
+    # and accumulate in float32.
+    dv = jnp.einsum('bkgtc,bkgtd->bckd', p.astype(v_chunk.dtype), d_out_c,
+                    preferred_element_type=wide)
+    dp = jnp.einsum('bkgtd,bckd->bkgtc', d_out_c, v_chunk,
+                    preferred_element_type=wide)
+    ds = (p * (dp - row_dot[..., None])).astype(qg.dtype)
+    dq = dq + jnp.einsum('bkgtc,bckd->btkgd', ds, k_chunk,
+                         preferred_element_type=wide)
+    dk = jnp.einsum('bkgtc,btkgd->bckd', ds, qg,
+                    preferred_element_type=wide)
+    return dq, (dk.astype(k_chunk.dtype), dv.astype(v_chunk.dtype))
+
+  dq, (dk, dv) = _scan_chunks(body, jnp.zeros(qg.shape, wide),
+                              k_chunks, v_chunks, vis)
+  # The masks and chunk starts are not differentiable: no cotangent.
+  return dq.astype(qg.dtype), dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
