@@ -2,11 +2,14 @@ r"""Training-step speed of bigjax's default models, beside PyTorch references.
 
   python -m benchmarks.run [--suite=cpu|gpu] \
       [--models=cnn,lstm,transformer_lm,vit] [--steps=30] [--threads=N] \
-      [--batch_size=B] [--torch=true] [--torch_compile=false] \
+      [--batch_size=B] [--compute_dtype=float32|bfloat16] [--torch=true] \
+      [--torch_compile=false] \
       [--jax_variant=NAME:XLA_OPTION=VALUE ...] [--json=PATH]
 
-For each model (`benchmarks.settings`: the seeds' CNN and LSTM, a small GPT
-and the ViT, each a config file plus overrides) this builds the real bigjax
+For each model (`benchmarks.settings`: on the cpu suite the seeds' CNN and
+LSTM, a small GPT and the ViT; on the gpu suite those and a 151M-parameter
+GPT at sequence 2048 in bfloat16; each a config file plus overrides) this
+builds the real bigjax
 step as `train.train_and_evaluate` does (`train.build_experiment`, a jitted
 `train.create_train_state`, `train.train_step` jitted with the state's
 shardings and donated), compiled ahead of time, and runs it on one synthetic
@@ -52,7 +55,6 @@ from bigjax import platform
 
 platform.set_cpu_xla_flags()
 
-import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -72,8 +74,14 @@ from bigjax import train  # noqa: E402
 _SUITE = flags.DEFINE_enum('suite', 'cpu', ['cpu', 'gpu'],
                            'Which device and peak: cpu (measured float32 '
                            'matmul) or gpu (datasheet bf16 peak).')
-_MODELS = flags.DEFINE_list('models', ['cnn', 'lstm', 'transformer_lm', 'vit'],
-                            'Models to benchmark (settings.SETTINGS).')
+_MODELS = flags.DEFINE_list(
+    'models', None, 'Models to benchmark (settings.SETTINGS); default: '
+    'settings.SUITES[--suite].')
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    'compute_dtype', None, ['float32', 'bfloat16'],
+    'config.precision.compute_dtype of every JAX step (default: float32 on '
+    'the cpu suite, bfloat16 on the gpu suite). The PyTorch references are '
+    'float32 and run only beside float32 steps.')
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', 0, "Batch size of every model (0: each config's).")
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per framework.')
@@ -116,17 +124,13 @@ class JaxStep:
     self.exp = exp = settings.synthetic_experiment(config)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config)
-    init_fn = functools.partial(train.create_train_state, model=exp.model,
-                                tx=exp.tx, task=exp.task)
+    init_fn = exp.init_state
     self._rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(init_fn, self._rng)
     state_sharding = train.state_shardings(exp, abstract_state, mesh, rules)
     self._batch_sharding = sharding.batch_sharding(mesh, rules,
                                                    config.batch_size)
-    self.step_fn = functools.partial(
-        train.train_step, model=exp.model, tx=exp.tx, task=exp.task,
-        l1=config.loss.l1, l2=config.loss.l2, schedule=exp.schedule,
-        nan_at_steps=tuple(config.nonfinite.inject_nan_at_steps))
+    self.step_fn = exp.train_step
     step = jax.jit(self.step_fn,
                    in_shardings=(state_sharding, self._batch_sharding),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),
@@ -227,11 +231,12 @@ def torch_available() -> bool:
 def benchmark(name: str, *, peak_flops: float, use_torch: bool,
               torch_compile: bool, torch_device: str, steps: int,
               warmup: int, round_steps: int, batch_size: int = 0,
-              jax_variants=None) -> dict:
+              compute_dtype: str = 'float32', jax_variants=None) -> dict:
   """One model's record (module doc); batch_size 0 keeps the config's;
   jax_variants: {name: XLA compiler options} of extra JAX steps."""
   config = settings.load_config(name)
   config.batch_size = batch_size or config.batch_size
+  config.precision.compute_dtype = compute_dtype
   batch = settings.synthetic_batch(config)
   jax_step = JaxStep(config, batch)
   items, unit = settings.items_per_step(config)
@@ -239,6 +244,7 @@ def benchmark(name: str, *, peak_flops: float, use_torch: bool,
       'model': name, 'config': settings.SETTINGS[name].config,
       'overrides': dict(settings.SETTINGS[name].overrides),
       'batch_size': config.batch_size, 'items_per_step': items, 'unit': unit,
+      'compute_dtype': compute_dtype,
       'parameters': train.parameter_counts(jax_step.exp)['unique'],
       'analytic_flops': model_flops.train_flops(
           jax_step.exp.model, batch_size=config.batch_size,
@@ -462,8 +468,12 @@ def main(argv):
     print(f"Load average {machine['load_average']:.1f} on {os.cpu_count()} "
           'cores: torch slows down more than JAX on busy cores; compare '
           'with --threads=1 (module doc)', flush=True)
+  compute_dtype = _COMPUTE_DTYPE.value or (
+      'bfloat16' if suite == 'gpu' else 'float32')
   records = [{**benchmark(name, peak_flops=machine['peak_flops_per_s'],
-                          use_torch=torch_device is not None,
+                          compute_dtype=compute_dtype,
+                          use_torch=(torch_device is not None
+                                     and compute_dtype == 'float32'),
                           torch_compile=_TORCH_COMPILE.value,
                           torch_device=torch_device or 'cpu',
                           steps=_STEPS.value, warmup=_WARMUP.value,
@@ -471,7 +481,7 @@ def main(argv):
                           batch_size=_BATCH_SIZE.value,
                           jax_variants=_parse_variants(_JAX_VARIANT.value)),
               **machine}
-             for name in _MODELS.value]
+             for name in _MODELS.value or settings.SUITES[suite]]
   write_tables(records, machine)
 
 

@@ -40,7 +40,21 @@ SETTINGS = {
         ('model.vocab_size', 256), ('model.max_len', 256),
         ('data.seq_len', 256))),
     'vit': Setting('configs/vit_fashion_mnist.py'),
+    # The GPU model: a GPT of 151M parameters (12 layers of width
+    # 1024, 16 heads of 64, feed-forward 4096, byte vocabulary) on 8 x 2048
+    # tokens, with cuDNN's fused attention; bfloat16 in the gpu suite.
+    'transformer_lm_gpu': Setting('configs/transformer_shakespeare.py', (
+        ('model.d_model', 1024), ('model.num_layers', 12),
+        ('model.num_heads', 16), ('model.mlp_dim', 4096),
+        ('model.vocab_size', 256), ('model.max_len', 2048),
+        ('model.attention_kernel', 'cudnn'), ('model.dropout_rate', 0.0),
+        ('data.seq_len', 2048), ('batch_size', 8))),
 }
+
+# The models each suite of `benchmarks.run` times by default.
+SUITES = {'cpu': ('cnn', 'lstm', 'transformer_lm', 'vit'),
+          'gpu': ('cnn', 'lstm', 'transformer_lm', 'vit',
+                  'transformer_lm_gpu')}
 
 
 def load_config(name: str):

@@ -32,7 +32,6 @@ what is missing.
 import copy
 import dataclasses
 import difflib
-import functools
 import itertools
 import json
 import math
@@ -394,18 +393,13 @@ def train_step_flops(config, exp: train.Experiment) -> float:
   update), scan bodies times their length (`bigjax/flops.py`: XLA's own
   count sees a scanned layer or time step once). Traced, not run.
   """
-  abstract_state = jax.eval_shape(
-      functools.partial(train.create_train_state, model=exp.model, tx=exp.tx,
-                        task=exp.task), jax.random.PRNGKey(0))
+  abstract_state = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
   batches = exp.task.train_batches(global_batch_size=config.batch_size,
                                    seed=config.seed, start_step=0)
   batch = next(batches)
   if hasattr(batches, 'close'):
     batches.close()  # Stops the prefetch threads.
-  step = functools.partial(
-      train.train_step, model=exp.model, tx=exp.tx, task=exp.task,
-      l1=config.loss.l1, l2=config.loss.l2, schedule=exp.schedule)
-  return flops.jaxpr_flops(step, abstract_state, jax.tree.map(
+  return flops.jaxpr_flops(exp.train_step, abstract_state, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch))
 
 

@@ -12,6 +12,7 @@ import jax
 
 from bigjax import losses
 from bigjax import optimizers
+from bigjax import precision
 from bigjax import sharding
 from bigjax import tasks
 from bigjax.errors import UserError
@@ -78,6 +79,9 @@ def validate(config) -> None:
   """Raises UserError at the first invalid value in `config`."""
   check_range('seed', config.seed, low=0)
   check_range('num_seeds', config.num_seeds, low=1)
+  for key in ('param_dtype', 'compute_dtype'):
+    check_choice(f'precision.{key}', config.precision[key],
+                 sorted(precision.DTYPES))
   check_choice('task', config.task, tasks.TASKS)
   # Model.
   model_class_and_kwargs(config.model)
@@ -157,7 +161,9 @@ _LAYOUT_AND_OUTPUT_KEYS = (
 # Keys added after runs were already being saved, with the value that means
 # what a run from before them did: a saved config without the key resumes
 # under that value as unchanged.
-_ADDED_KEYS = {'num_seeds': 1, 'data.synthetic.zero_pad': False}
+_ADDED_KEYS = {'num_seeds': 1, 'data.synthetic.zero_pad': False,
+               'precision.param_dtype': 'float32',
+               'precision.compute_dtype': 'float32'}
 
 
 def _flatten(tree, prefix='') -> dict:

@@ -32,6 +32,7 @@ from bigjax import config_validation
 from bigjax import losses
 from bigjax import metric_writers
 from bigjax import optimizers
+from bigjax import precision
 from bigjax import sharding
 from bigjax import tasks
 from bigjax.errors import UserError
@@ -145,13 +146,16 @@ def init_variables(rng, *, model: nn.Module, task):
   return model.init(rng, task.dummy_inputs(), train=False)
 
 
-def create_train_state(rng, *, model: nn.Module, tx, task) -> TrainState:
-  """A fresh TrainState; pure, so it runs under jit with sharded outputs."""
+def create_train_state(rng, *, model: nn.Module, tx, task,
+                       policy: precision.Policy = precision.FLOAT32
+                       ) -> TrainState:
+  """A fresh TrainState, parameters in `policy.param_dtype`; pure, so it runs
+  under jit with sharded outputs."""
   init_rng, run_rng = jax.random.split(rng)
   # The logical-axis boxes are only read for shardings (`state_shardings`);
   # the state itself holds plain arrays.
   variables = nn.unbox(init_variables(init_rng, model=model, task=task))
-  params = variables['params']
+  params = policy.cast_to_param(variables['params'])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     model_state=_model_state(variables),
                     opt_state=tx.init(params), rng=run_rng,
@@ -166,11 +170,15 @@ def _model_state(variables):
           if k not in ('params', 'intermediates', param_counts.PARAM_USES)}
 
 
-def _apply(model, params, model_state, inputs, *, train, rng=None):
-  """The model's logits and its updated model state."""
+def _apply(model, params, model_state, inputs, *, train, policy, rng=None):
+  """The model's float32 logits and its updated model state; parameters and
+  inputs run in `policy.compute_dtype` (model state as it is stored)."""
   rngs = {'dropout': rng} if rng is not None else None
-  return model.apply({'params': params, **model_state}, inputs, train=train,
-                     rngs=rngs, mutable=list(model_state))
+  logits, model_state = model.apply(
+      {'params': policy.cast_to_compute(params), **model_state},
+      policy.cast_to_compute(inputs), train=train, rngs=rngs,
+      mutable=list(model_state))
+  return policy.cast_to_output(logits), model_state
 
 
 def _all_finite(tree) -> jax.Array:
@@ -182,7 +190,8 @@ def _all_finite(tree) -> jax.Array:
 def train_step(state: TrainState, batch, *, model: nn.Module,
                tx: optax.GradientTransformation, task,
                l1: float, l2: float, schedule: optax.Schedule,
-               nan_at_steps: tuple[int, ...] = ()):
+               nan_at_steps: tuple[int, ...] = (),
+               policy: precision.Policy = precision.FLOAT32):
   """One update on a global batch, skipped if it is not finite.
 
   A non-finite loss or gradient leaves parameters, optimizer state and model
@@ -198,6 +207,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
     model, tx, task, l1, l2, schedule: bound with functools.partial.
     nan_at_steps: step numbers (1-based, as logged) whose loss is made NaN,
       to test the guard (`config.nonfinite.inject_nan_at_steps`).
+    policy: the dtypes of compute (`bigjax.precision`); the penalty and the
+      update use the stored parameters.
 
   Returns:
     The new state and a flat dict of scalar metrics for this step.
@@ -211,7 +222,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
 
   def objective(params):
     logits, model_state = _apply(model, params, state.model_state,
-                                 task.model_inputs(batch), train=True, rng=rng)
+                                 task.model_inputs(batch), train=True,
+                                 policy=policy, rng=rng)
     data_loss, task_metrics = task.loss(logits, batch)
     data_loss = data_loss * poison
     penalty = losses.weight_penalty(params, l1=l1, l2=l2)
@@ -240,7 +252,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model: nn.Module, task):
+def eval_step(state: TrainState, batch, *, model: nn.Module, task,
+              policy: precision.Policy = precision.FLOAT32):
   """The task's sums over one eval batch, to be added up over the split.
 
   Returns:
@@ -248,7 +261,7 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, task):
     a 'predictions' entry is per example and is not summed.
   """
   logits, _ = _apply(model, state.params, state.model_state,
-                     task.model_inputs(batch), train=False)
+                     task.model_inputs(batch), train=False, policy=policy)
   return task.eval_sums(logits, batch)
 
 
@@ -352,6 +365,30 @@ class Experiment:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   num_steps: int
+  policy: precision.Policy = precision.FLOAT32
+  l1: float = 0.0  # config.loss.l1 and l2: the weight penalties.
+  l2: float = 0.0
+  nan_at_steps: tuple[int, ...] = ()  # config.nonfinite.inject_nan_at_steps.
+
+  @property
+  def init_state(self):
+    """rng -> a fresh TrainState (`create_train_state`, bound)."""
+    return functools.partial(create_train_state, model=self.model, tx=self.tx,
+                             task=self.task, policy=self.policy)
+
+  @property
+  def train_step(self):
+    """(state, batch) -> (state, metrics) (`train_step`, bound)."""
+    return functools.partial(
+        train_step, model=self.model, tx=self.tx, task=self.task, l1=self.l1,
+        l2=self.l2, schedule=self.schedule, nan_at_steps=self.nan_at_steps,
+        policy=self.policy)
+
+  @property
+  def eval_step(self):
+    """(state, batch) -> the batch's eval sums (`eval_step`, bound)."""
+    return functools.partial(eval_step, model=self.model, task=self.task,
+                             policy=self.policy)
 
   @functools.cached_property
   def abstract_variables(self):
@@ -385,7 +422,10 @@ def build_experiment(config, workdir: Optional[str] = None, *,
   exp = Experiment(
       task=task, model=model_cls(**model_kwargs),
       tx=optimizers.make_optimizer(config.optimizer, schedule),
-      schedule=schedule, num_steps=num_steps)
+      schedule=schedule, num_steps=num_steps,
+      policy=precision.from_config(config.precision), l1=config.loss.l1,
+      l2=config.loss.l2,
+      nan_at_steps=tuple(config.nonfinite.inject_nan_at_steps))
   if config.optimizer.frozen or config.optimizer.lr_multipliers:
     params = nn.unbox(exp.abstract_variables)['params']
     optimizers.check_groups(config.optimizer, [
@@ -467,8 +507,7 @@ def init_or_restore(exp: Experiment, seeds: Seeds, manager, mesh, rules,
     (state, state_sharding): the TrainState (stacked for several seeds,
     `Seeds`) and its pytree of shardings.
   """
-  init_one = functools.partial(create_train_state, model=exp.model, tx=exp.tx,
-                               task=exp.task)
+  init_one = exp.init_state
   # One seed's shapes and shardings, for the layout and for `init_from`.
   one_state = jax.eval_shape(init_one, jax.random.PRNGKey(0))
   one_sharding = state_shardings(exp, one_state, mesh, rules)
@@ -573,17 +612,13 @@ def train_and_evaluate(config, workdir: str, *,
   # eval batch.
   batch_sharding = seeds.shardings(batch_sharding, axes=0)
   train_fn = jax.jit(
-      seeds.vmap(functools.partial(
-          train_step, model=exp.model, tx=exp.tx, task=exp.task,
-          l1=config.loss.l1, l2=config.loss.l2, schedule=exp.schedule,
-          nan_at_steps=tuple(config.nonfinite.inject_nan_at_steps)),
-                 in_axes=(SEED_AXES, 0), out_axes=(SEED_AXES, 0)),
+      seeds.vmap(exp.train_step, in_axes=(SEED_AXES, 0),
+                 out_axes=(SEED_AXES, 0)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(
-      seeds.vmap(functools.partial(eval_step, model=exp.model, task=exp.task),
-                 in_axes=(SEED_AXES, None), out_axes=0),
+      seeds.vmap(exp.eval_step, in_axes=(SEED_AXES, None), out_axes=0),
       in_shardings=(state_sharding, eval_sharding),
       # Replicated sums; predictions too, for the picture of process 0.
       out_shardings=sharding.replicated(mesh))

@@ -95,6 +95,17 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'
 
+  # ---- Precision (bigjax/precision.py) -------------------------------------
+  c.precision = ml_collections.ConfigDict()
+  # dtype of the stored parameters: the master copy that gradients, the
+  # optimizer state and checkpoints have. 'float32' or 'bfloat16'.
+  c.precision.param_dtype = 'float32'
+  # dtype every matmul and convolution runs in (parameters and inputs are
+  # cast to it at each step); logits and the loss are float32 either way.
+  # 'bfloat16' with param_dtype 'float32' is the usual mixed precision on
+  # GPU/TPU; CPUs mostly run bfloat16 slower than float32.
+  c.precision.compute_dtype = 'float32'
+
   # ---- Loss and regularisation -------------------------------------------
   c.loss = ml_collections.ConfigDict()
   # 'cross_entropy' (softmax) or 'mse' (squared error between the logits and

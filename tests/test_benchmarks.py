@@ -13,7 +13,6 @@ import pytest
 
 from benchmarks import model_flops
 from benchmarks import settings
-from bigjax import train
 from tests.conftest import ROOT
 
 
@@ -76,11 +75,7 @@ def test_analytic_flops_match_the_traced_step(name):
   analytic = model_flops.train_flops(
       exp.model, batch_size=config.batch_size,
       image_shape=settings.IMAGE_SHAPE, seq_len=config.data.seq_len)
-  init = functools.partial(train.create_train_state, model=exp.model,
-                           tx=exp.tx, task=exp.task)
-  step = functools.partial(
-      train.train_step, model=exp.model, tx=exp.tx, task=exp.task, l1=0.0,
-      l2=0.0, schedule=exp.schedule)
+  init, step = exp.init_state, exp.train_step
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        settings.synthetic_batch(config))
   traced = model_flops.jaxpr_flops(

@@ -4,7 +4,6 @@ The kill and SIGTERM tests run the real entry point as an OS process and end
 with parameters bit-identical to an uninterrupted run of the same config.
 """
 
-import functools
 import json
 import os
 import random
@@ -109,15 +108,12 @@ def _one_step(fake_data_dir, nan_at_steps):
   """(state before, state after) one train step of the smoke CNN."""
   config = smoke_config(fake_data_dir)
   config.optimizer.warmup_steps = 0  # So the first step moves the weights.
+  config.nonfinite.inject_nan_at_steps = nan_at_steps
   exp = train.build_experiment(config)
-  init = functools.partial(train.create_train_state, model=exp.model,
-                           tx=exp.tx, task=exp.task)
-  state = jax.jit(init)(jax.random.PRNGKey(0))
+  state = jax.jit(exp.init_state)(jax.random.PRNGKey(0))
   batch = next(exp.task.train_batches(global_batch_size=32, seed=0,
                                       start_step=0))
-  step = jax.jit(functools.partial(
-      train.train_step, model=exp.model, tx=exp.tx, task=exp.task, l1=0.0,
-      l2=0.0, schedule=exp.schedule, nan_at_steps=nan_at_steps))
+  step = jax.jit(exp.train_step)
   before = jax.device_get(state)
   after, metrics = step(state, batch)
   return before, jax.device_get(after), jax.device_get(metrics)

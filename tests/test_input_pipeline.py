@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds

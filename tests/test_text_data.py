@@ -11,7 +11,6 @@ import json
 import os
 import tarfile
 
-import jax
 import ml_collections
 import numpy as np
 import pytest

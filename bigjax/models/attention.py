@@ -102,18 +102,32 @@ def _group_queries(q, num_kv_heads):
   return q.reshape(b, t, num_kv_heads, n // num_kv_heads, d)
 
 
+def _stat_dtype(x):
+  """float32, or x's dtype if wider: logits and softmax statistics never
+  drop below float32 (bfloat16 inputs) nor below the input (float64 tests)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _masked_softmax(logits, mask, dtype):
+  """softmax over the last axis where `mask` (None: everywhere) is True, in
+  float32 (or wider) whatever the logits' dtype, returned in `dtype`. Rows
+  with no visible entry come out all zero, not uniform."""
+  logits = logits.astype(_stat_dtype(logits))
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
+  weights = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+  return jnp.where(mask, weights, 0.0).astype(dtype)
+
+
 def _einsum_attention(q, k, v, mask, *, dropout_rate, dropout_rng):
   """The plain softmax(QK^T / sqrt(d))V, with the [b, h, q, k] weights."""
   b, t, n, d = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
-  qg = _group_queries(q, kv_heads) * (d ** -0.5)
+  qg = _group_queries(q, kv_heads) * jnp.asarray(d ** -0.5, q.dtype)
+  # In q's dtype: a float32 result here would make the backward pass's
+  # matmuls mixed-dtype. The softmax itself is float32.
   logits = jnp.einsum('btkgd,bskd->bkgts', qg, k).reshape(b, n, t, s)
-  if mask is not None:
-    logits = jnp.where(mask, logits, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    # Rows with no visible key came out uniform; they must be zero.
-    weights = jnp.where(mask, weights, 0.0)
+  weights = _masked_softmax(logits, mask, v.dtype)
   applied = weights
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
@@ -201,12 +215,6 @@ class _FlashShape(NamedTuple):
   q_len: int
   kv_len: int  # Before padding to whole chunks.
   is_causal: bool
-
-
-def _stat_dtype(x):
-  """float32, or x's dtype if wider: logits and softmax statistics never
-  drop below float32 (bfloat16 inputs) nor below the input (float64 tests)."""
-  return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def _chunk_logits(shape: _FlashShape, qg, k_chunk, vis_chunk):
@@ -406,7 +414,8 @@ def cached_attention(q, k, v, visible):
   """
   b, t, n, d = q.shape
   kv_heads = k.shape[1]
-  qg = _group_queries(q, kv_heads).transpose(0, 2, 3, 1, 4) * (d ** -0.5)
+  qg = _group_queries(q, kv_heads).transpose(0, 2, 3, 1, 4) * jnp.asarray(
+      d ** -0.5, q.dtype)
   # One query (a decode step) is a matrix-vector product. As a multiply
   # and a sum XLA streams the cache once; as a dot it first re-lays the
   # cache out (cache_layout). A prompt's block of queries is a real matmul.
@@ -414,9 +423,8 @@ def cached_attention(q, k, v, visible):
     logits = jnp.sum(qg[..., None] * k[:, :, None, None], axis=-2)
   else:
     logits = jnp.einsum('bkgtd,bkds->bkgts', qg, k)
-  mask = visible[:, None, None]  # [b, 1, 1, t, s]: every head alike.
-  weights = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _MASKED),
-                                           axis=-1), 0.0)
+  # [b, 1, 1, t, s]: every head alike.
+  weights = _masked_softmax(logits, visible[:, None, None], v.dtype)
   if t == 1:
     out = jnp.sum(weights[..., None] * v[:, :, None, None], axis=-2)
   else:
@@ -684,8 +692,6 @@ class Seq2SeqAttention(nn.Module):
     else:
       scores = jnp.einsum('btd,bsd->bts', queries, keys)
     visible = memory_valid[:, None, :]
-    weights = jax.nn.softmax(jnp.where(visible, scores, _MASKED), axis=-1)
-    # A source with no valid position came out uniform; it must be zero.
-    weights = jnp.where(visible, weights, 0.0)
+    weights = _masked_softmax(scores, visible, memory.dtype)
     self.sow('intermediates', 'attention_weights', weights)
     return jnp.einsum('bts,bsd->btd', weights, memory)

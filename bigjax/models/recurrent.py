@@ -268,6 +268,9 @@ class Recurrence(nn.Module):
       # Zero initialisers ignore the key; a fixed one keeps flax's cells
       # happy without needing an rng stream at apply time.
       carry = self.cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+      # In the inputs' dtype, so a bfloat16 run (bigjax.precision) keeps its
+      # recurrent matmuls in bfloat16.
+      carry = jax.tree.map(lambda c: c.astype(xs.dtype), carry)
     valid = None
     if lengths is not None:
       valid = jnp.arange(time)[None, :] < lengths[:, None]  # [batch, time]

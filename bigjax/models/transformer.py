@@ -259,7 +259,8 @@ class LayerStack(nn.Module):
 
     def body(block, x, step, inputs):
       if step_encoding:
-        x = x + positional_lib.sinusoidal_encoding(step, x.shape[-1])
+        x = x + positional_lib.sinusoidal_encoding(step, x.shape[-1]).astype(
+            x.dtype)
       return block(x, train=train, **inputs), None
 
     if self.remat != 'none':
@@ -289,7 +290,8 @@ class LayerStack(nn.Module):
     block = self.block(parent=None)
     for i in range(self.num_layers):
       if self.step_encoding:
-        x = x + positional_lib.sinusoidal_encoding(i, x.shape[-1])
+        x = x + positional_lib.sinusoidal_encoding(i, x.shape[-1]).astype(
+            x.dtype)
       layer = {'params': params if self.cross_layer_sharing == 'all'
                else jax.tree.map(lambda p, i=i: p[i], params)}
       cache = self.get_variable('cache', f'layer{i}')
@@ -455,7 +457,8 @@ class _TransformerFields(nn.Module):
       return x + positional_lib.LearnedPositionalEmbedding(
           max_len, x.shape[-1], name=name)(positions)
     if self.positional == 'sinusoidal':
-      return x + positional_lib.sinusoidal_encoding(positions, x.shape[-1])
+      return x + positional_lib.sinusoidal_encoding(
+          positions, x.shape[-1]).astype(x.dtype)
     if self.positional == 'rope':  # Applied to queries and keys instead.
       return x
     raise ValueError(f'positional={self.positional!r}; use learned, '
@@ -713,7 +716,8 @@ class ViT(_TransformerFields):
           grid_h * grid_w, d, name='position_embedding')(
               jnp.arange(grid_h * grid_w))
     elif self.positional == 'sinusoidal':
-      x = x + positional_lib.sinusoidal_encoding_2d(grid_h, grid_w, d)
+      x = x + positional_lib.sinusoidal_encoding_2d(grid_h, grid_w,
+                                                   d).astype(x.dtype)
     else:
       raise ValueError(f'ViT positional={self.positional!r}; use learned or '
                        'sinusoidal')
