@@ -59,10 +59,14 @@ def test_stacked_seeds_match_separate_runs(separate_and_stacked):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
                                  err_msg=f'seed {seed}: {key}')
     finals.append(want)
-    # The parameters themselves, not just the metrics.
+    # The parameters themselves, not just the metrics. Absolute tolerance
+    # 1e-5 (weights here are ~1e-2): batched kernels sum in another order,
+    # and Adam divides by sqrt(v), so an element whose gradient is almost
+    # zero moves by rounding noise times the learning rate (seen: 2.4e-6
+    # on one element of 401,408).
     stacked_params = jax.tree.map(lambda x, k=k: x[k], _last_params(stacked))
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5,
-                                                         atol=1e-6),
+                                                         atol=1e-5),
                  stacked_params, _last_params(separate[seed]))
   # The seeds really differ, and the run's own metrics are their means.
   losses = [f['eval/loss'] for f in finals]
