@@ -141,3 +141,15 @@ def test_unknown_dtype_is_a_one_line_error():
   with pytest.raises(UserError, match=r"config.precision.compute_dtype='float16' "
                      r"is not one of 'bfloat16', 'float32'"):
     settings.synthetic_experiment(config)
+
+
+def test_bfloat16_parameters_are_stored_and_updated_in_bfloat16():
+  config = config_files.load_config(f'{ROOT}/configs/cnn_fashion_mnist.py')
+  config.precision.param_dtype = 'bfloat16'
+  exp = settings.synthetic_experiment(config)
+  state = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
+  batch = jax.tree.map(jnp.asarray, settings.synthetic_batch(config))
+  new_state, _ = jax.eval_shape(exp.train_step, state, batch)
+  for tree in (state.params, new_state.params, new_state.opt_state):
+    assert {str(x.dtype) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)} == {'bfloat16'}
