@@ -38,7 +38,11 @@ SETTINGS = {
         ('model.d_model', 256), ('model.num_layers', 4),
         ('model.num_heads', 4), ('model.mlp_dim', 1024),
         ('model.vocab_size', 256), ('model.max_len', 256),
-        ('data.seq_len', 256))),
+        ('data.seq_len', 256),
+        # The depth scan unrolled: 14% faster steps on the CPU (interleaved
+        # A/B, 1 core, 5.19 -> 4.47 s), XLA then slicing the stacked
+        # parameters and saved activations statically.
+        ('model.scan_unroll', 4))),
     'vit': Setting('configs/vit_fashion_mnist.py'),
     # The GPU model: a GPT of 151M parameters (12 layers of width
     # 1024, 16 heads of 64, feed-forward 4096, byte vocabulary) on 8 x 2048

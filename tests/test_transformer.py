@@ -148,17 +148,20 @@ def _unrolled(block, params, sharing, x, num_layers, *, step_encoding=False,
 BLOCK_KWARGS = dict(num_heads=HEADS, num_kv_heads=KV_HEADS, mlp_dim=MLP)
 
 
-@pytest.mark.parametrize('sharing, cross, step_encoding, remat, with_grads', [
-    ('none', False, False, 'none', False),
-    ('all', False, True, 'full', True),
-    ('ffn', True, False, 'none', False),
-    ('attention', False, False, 'none', True),
-    ('none', True, False, 'save_dots', True)])
+@pytest.mark.parametrize(
+    'sharing, cross, step_encoding, remat, unroll, with_grads', [
+        ('none', False, False, 'none', 1, False),
+        ('all', False, True, 'full', 1, True),
+        ('ffn', True, False, 'none', 1, False),
+        ('attention', False, False, 'none', 1, True),
+        ('none', True, False, 'save_dots', 1, True),
+        ('none', False, False, 'none', 2, True)])
 def test_scan_equals_unrolled_loop(sharing, cross, step_encoding, remat,
-                                   with_grads):
+                                   unroll, with_grads):
   """Outputs, and (where compiled: it is slow) gradients: a shared parameter's
-  gradient is the sum over the layers that use it, and rematerialisation
-  changes nothing but memory."""
+  gradient is the sum over the layers that use it, and rematerialisation and
+  the scan's unroll (2 of 3 layers: a remainder) change nothing but speed and
+  memory."""
   layers = 3
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 6, D)).astype(np.float32)
@@ -172,7 +175,7 @@ def test_scan_equals_unrolled_loop(sharing, cross, step_encoding, remat,
     block_cls, inputs = tr.EncoderBlock, {'valid': valid}
   block = functools.partial(block_cls, **BLOCK_KWARGS)
   stack = tr.layer_stack(block, layers, sharing, step_encoding=step_encoding,
-                         remat=remat, name='stack')
+                         remat=remat, scan_unroll=unroll, name='stack')
   params = _random_variables(stack, x, **inputs)['params']
 
   def scanned(params):

@@ -228,12 +228,16 @@ class LayerStack(nn.Module):
       layer (the Universal Transformer's timestep embedding; no parameters).
     remat: 'none', 'full' or 'save_dots': what each layer keeps for the
       backward pass (`REMAT`).
+    scan_unroll: layers per iteration of the scan over depth (`nn.scan`'s
+      unroll); num_layers unrolls it whole: slower to compile, and XLA then
+      indexes the stacked parameters and saved activations statically.
   """
   block: Callable[..., nn.Module]
   num_layers: int
   cross_layer_sharing: str = 'none'
   step_encoding: bool = False
   remat: str = 'none'
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, x, *, train: bool, decode: bool = False, **inputs):
@@ -275,7 +279,7 @@ class LayerStack(nn.Module):
         variable_broadcast=False if stacked else 'params',
         split_rngs={'params': stacked, 'dropout': True},
         in_axes=(0, nn.broadcast),
-        length=self.num_layers,
+        length=self.num_layers, unroll=self.scan_unroll,
         metadata_params=_LAYERS_AXIS)
     x, _ = scan(self.block(name='layers'), x, jnp.arange(self.num_layers),
                 inputs)
@@ -424,6 +428,7 @@ class _TransformerFields(nn.Module):
     step_encoding: per-layer timestep encoding (Universal Transformer).
     remat: 'none', 'full' or 'save_dots' (`REMAT`: what each layer keeps
       for the backward pass).
+    scan_unroll: layers per iteration of the scan over depth (LayerStack).
   """
   d_model: int = 128
   num_layers: int = 4
@@ -438,6 +443,7 @@ class _TransformerFields(nn.Module):
   cross_layer_sharing: str = 'none'
   step_encoding: bool = False
   remat: str = 'none'
+  scan_unroll: int = 1
 
   def _stack(self, block_cls, name, **block_kwargs):
     block = functools.partial(
@@ -449,7 +455,7 @@ class _TransformerFields(nn.Module):
         use_rope=self.positional == 'rope', **block_kwargs)
     return layer_stack(block, self.num_layers, self.cross_layer_sharing,
                        step_encoding=self.step_encoding, remat=self.remat,
-                       name=name)
+                       scan_unroll=self.scan_unroll, name=name)
 
   def _add_positions(self, x, positions, *, max_len, name):
     """x [batch, length, d] plus learned or sinusoidal position codes."""
