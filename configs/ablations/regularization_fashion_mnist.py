@@ -7,8 +7,8 @@ Run (3 seeds; `:smoke` runs it in miniature):
       --workdir=workdirs/ablations/regularization_fashion_mnist
 
 The README's CNN (conv 32, conv 64, dense 128; 421,642 parameters) trained
-on the first 6,000 training images (`train[:10%]`) for 12 epochs, so that it
-can overfit, and tested on all 10,000 test images, with one regulariser per
+on the first 6,000 training images (`train[:10%]`) for 40 epochs, so that it
+overfits, and tested on all 10,000 test images, with one regulariser per
 cell: none; dropout 0.5 before the head; L2 (loss.l2 = 5e-4, added to the
 loss); augmentation (random crops after 2 pixels of padding, and mirroring).
 
@@ -18,11 +18,14 @@ the unregularised network when data are scarce (dropout: Srivastava et al.
 1992), augmentation usually most. The table's paired differences against
 'reg-none' say which of them this budget resolves.
 
-Budget: 12 epochs of the 6,000 images, 563 steps of 128. Measured with
-the `:smoke` variant at 40 steps on the 2-core machine with other jobs on it
-(load ~5): 0.14-0.20 s per step; a cell's first seed spends 6-19 s on
-compilation and the final evaluation, each later seed 5-9 s; about 20 min
-for 4 cells x 3 seeds.
+Budget: 40 epochs of the 6,000 images, 1,875 steps of 128. Measured (seeds
+0-2, the 2-core machine, otherwise quiet): 19 min end to end. Test accuracy
+none 88.08 +- 0.18% (test loss 0.622: overfitted), L2 88.16 +- 0.22%
+(+0.08, paired p = 0.013), dropout 88.97 +- 0.05% (+0.89, p = 0.003),
+augmentation 89.41 +- 0.14% (+1.32, p = 0.003): every regulariser helps and
+augmentation most, the published direction. At 12 epochs the unregularised
+network had not yet overfitted (test loss 0.362) and dropout and
+augmentation cost accuracy instead (-1.1 and -0.9 points).
 """
 
 from configs.ablations import base
@@ -36,7 +39,7 @@ def get_config(arg=None):
       'optimizer.warmup_steps': 50,
       **base.END_POINTS,
       'log_every_steps': 50,
-      'checkpoint.save_every_steps': 100,
+      'checkpoint.save_every_steps': 250,
   })
   c.axes = (base.axis(
       'reg', {'model.dropout_rate': (0.0, 0.5, 0.0, 0.0),
@@ -47,7 +50,7 @@ def get_config(arg=None):
   c.baseline = 'reg-none'
   c.num_seeds = 3
   c.budget.kind = 'epochs'
-  c.budget.value = 12.0
+  c.budget.value = 40.0
   c.metrics = (('eval/accuracy', 'higher'), ('eval/loss', 'lower'))
   c.plot.x = ''  # Every cell has the same model: bars only.
   return base.apply_variant(c, arg, 'regularization_fashion_mnist')
