@@ -88,6 +88,11 @@ def validate(config) -> None:
   if 'dropout_rate' in config.model:
     check_range('model.dropout_rate', config.model.dropout_rate,
                 low=0.0, high=1.0, high_open=True)
+  if (config.model.get('attention_kernel') == 'cudnn'
+      and jax.default_backend() != 'gpu'):
+    raise UserError(
+        "config.model.attention_kernel='cudnn' needs a GPU, but JAX runs on "
+        f"{jax.default_backend()}; use 'xla', 'einsum' or 'chunked'")
   # Loss.
   check_choice('loss.name', config.loss.name, sorted(losses.LOSSES))
   check_range('loss.label_smoothing', config.loss.label_smoothing,

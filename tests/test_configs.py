@@ -4,6 +4,7 @@ import glob
 import importlib
 import os
 
+import jax
 import pytest
 
 from bigjax import config_validation
@@ -70,6 +71,16 @@ def test_invalid_values_are_rejected(key, value, message):
   with pytest.raises(UserError) as e:
     config_validation.validate(config)
   assert message in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='cuDNN is there')
+def test_cudnn_attention_without_a_gpu_is_one_line():
+  config = importlib.import_module('configs.transformer_shakespeare').get_config()
+  config.model.attention_kernel = 'cudnn'
+  with pytest.raises(UserError) as e:
+    config_validation.validate(config)
+  assert "attention_kernel='cudnn' needs a GPU" in str(e.value)
   assert '\n' not in str(e.value)
 
 
