@@ -66,6 +66,12 @@ def _matmul_operand_dtypes(jaxpr) -> set:
   return found
 
 
+def _float_dtypes(tree) -> set:
+  """The dtype names of `tree`'s floating-point leaves."""
+  return {str(x.dtype) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
 @pytest.mark.parametrize('name, overrides', [(n, None) for n in CONFIGS] + [
     (n, o) for n, variants in VARIANTS.items() for o in variants])
 def test_bfloat16_policy_runs_every_matmul_in_bfloat16(name, overrides):
@@ -80,8 +86,7 @@ def test_bfloat16_policy_runs_every_matmul_in_bfloat16(name, overrides):
   # The stored state and the loss stay float32.
   new_state, metrics = jax.eval_shape(exp.train_step, state, batch)
   for tree in (new_state.params, new_state.opt_state):
-    assert {str(x.dtype) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)} == {'float32'}
+    assert _float_dtypes(tree) == {'float32'}
   assert metrics['train/loss'].dtype == jnp.float32
 
 
@@ -151,5 +156,4 @@ def test_bfloat16_parameters_are_stored_and_updated_in_bfloat16():
   batch = jax.tree.map(jnp.asarray, settings.synthetic_batch(config))
   new_state, _ = jax.eval_shape(exp.train_step, state, batch)
   for tree in (state.params, new_state.params, new_state.opt_state):
-    assert {str(x.dtype) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)} == {'bfloat16'}
+    assert _float_dtypes(tree) == {'bfloat16'}
