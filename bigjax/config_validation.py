@@ -92,7 +92,7 @@ def validate(config) -> None:
       and jax.default_backend() != 'gpu'):
     raise UserError(
         "config.model.attention_kernel='cudnn' needs a GPU, but JAX runs on "
-        f"{jax.default_backend()}; use 'xla', 'einsum' or 'chunked'")
+        f"{jax.default_backend()}; use 'xla', 'einsum', 'chunked' or 'blocked'")
   # Loss.
   check_choice('loss.name', config.loss.name, sorted(losses.LOSSES))
   check_range('loss.label_smoothing', config.loss.label_smoothing,

@@ -17,7 +17,8 @@ B, Q, K, D = 2, 5, 7, 8
 # Jitted once per static setting: eager dispatch of the kernels' many small
 # ops would dominate the test time.
 _attention = jax.jit(attention.dot_product_attention, static_argnames=(
-    'is_causal', 'kernel', 'chunk_size', 'return_weights'))
+    'is_causal', 'kernel', 'chunk_size', 'return_weights', 'block_queries',
+    'block_logits'))
 
 
 def _qkv(heads, kv_heads, q_len=Q, kv_len=K, seed=0):
@@ -108,24 +109,47 @@ def test_xla_and_chunked_kernels_equal_einsum(case, kv_heads):
   np.testing.assert_allclose(expected, ref, atol=1e-5)
   # Chunks of 3 split the 7 keys unevenly (the last is padded); 16 is one.
   chunk_sizes = (3, 16) if case == 'causal+padding' else (3,)
+  # Blocks of 2 queries and one example (a lax.map over the batch), and of
+  # 3 queries and the whole batch.
+  blocked = (('blocked', {'block_queries': 2, 'block_logits': 1}),
+             ('blocked', {'block_queries': 3, 'block_logits': 10 ** 6}))
   for kernel, extra in (('xla', {}),) + tuple(
-      ('chunked', {'chunk_size': c}) for c in chunk_sizes):
+      ('chunked', {'chunk_size': c}) for c in chunk_sizes) + blocked:
     got = _attention(q, k, v, kernel=kernel, **extra, **kwargs)
     np.testing.assert_allclose(got, expected, atol=1e-5,
                                err_msg=f'{kernel} {extra}')
   # The chunked kernel's own VJP gives the einsum kernel's gradients.
   probe = np.random.default_rng(4).normal(size=expected.shape)
 
-  def grads(kernel):
+  def grads(kernel, **extra):
     return jax.grad(lambda q, k, v: jnp.sum(probe * attention.dot_product_attention(
-        q, k, v, kernel=kernel, chunk_size=3, **kwargs)), argnums=(0, 1, 2))(
+        q, k, v, kernel=kernel, **extra, **kwargs)), argnums=(0, 1, 2))(
             q, k, v)
 
-  for got, want, name in zip(grads('chunked'), grads('einsum'), 'qkv'):
-    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f'd{name}')
+  want = grads('einsum')
+  for kernel, extra in (('chunked', {'chunk_size': 3}),) + blocked:
+    for got, expected, name in zip(grads(kernel, **extra), want, 'qkv'):
+      np.testing.assert_allclose(got, expected, atol=1e-5,
+                                 err_msg=f'd{name} {kernel} {extra}')
 
 
-@pytest.mark.parametrize('kernel', ['einsum', 'xla', 'chunked'])
+@pytest.mark.parametrize('q_len, kv_len', [(7, 5), (5, 7), (6, 6)])
+def test_blocked_kernel_skips_only_hidden_keys(q_len, kv_len):
+  """Under a causal mask each block of queries reads a prefix of the keys;
+  with more queries than keys the first blocks see none and output zeros."""
+  q, k, v = _qkv(4, 2, q_len=q_len, kv_len=kv_len)
+  want = attention.dot_product_attention(q, k, v, is_causal=True)
+  for block_queries in (1, 2, 4, 64):
+    got = attention.dot_product_attention(
+        q, k, v, is_causal=True, kernel='blocked',
+        block_queries=block_queries, block_logits=1)
+    np.testing.assert_allclose(got, want, atol=1e-5,
+                               err_msg=f'{block_queries} queries per block')
+  if q_len > kv_len:
+    assert np.all(np.asarray(want)[:, :q_len - kv_len] == 0)
+
+
+@pytest.mark.parametrize('kernel', ['einsum', 'xla', 'chunked', 'blocked'])
 def test_fully_masked_rows_are_zero_and_have_finite_gradients(kernel):
   q, k, v = _qkv(heads=2, kv_heads=2)
   kv_valid = KV_VALID.copy()
@@ -144,7 +168,7 @@ def test_fully_masked_rows_are_zero_and_have_finite_gradients(kernel):
   assert all(np.all(np.isfinite(g)) for g in grads)
 
 
-@pytest.mark.parametrize('kernel', ['einsum', 'chunked'])
+@pytest.mark.parametrize('kernel', ['einsum', 'chunked', 'blocked'])
 def test_gradients_match_finite_differences(kernel):
   q, k, v = (x.astype(np.float64) for x in _qkv(2, 1, q_len=3, kv_len=4))
   with jax.enable_x64(True):
@@ -287,3 +311,18 @@ def test_sinusoidal_encodings():
       grid[5], np.concatenate([positional.sinusoidal_encoding(1, 4),
                                positional.sinusoidal_encoding(2, 4)]),
       atol=1e-6)
+
+
+def test_rope_tables_are_constants_when_positions_are_known():
+  """Positions known while tracing (NumPy, as every layer builds them outside
+  decoding) give the same rotation as traced ones, and leave no sin or cos
+  for the step to compute (XLA would evaluate them again for every head and
+  batch row)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 3, 8)),
+                  jnp.float32)
+  known = jax.jit(lambda x: positional.apply_rope(x, np.arange(6)))
+  traced = jax.jit(positional.apply_rope)
+  np.testing.assert_allclose(known(x), traced(x, jnp.arange(6)), atol=1e-6)
+  ops = {e.primitive.name for e in jax.make_jaxpr(
+      lambda x: positional.apply_rope(x, np.arange(6)))(x).jaxpr.eqns}
+  assert not ops & {'sin', 'cos'}

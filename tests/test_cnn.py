@@ -101,6 +101,9 @@ def test_resnet_carries_batch_stats_through_the_loop(fake_data_dir, tmp_path):
   assert np.isfinite(final['eval/loss'])
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as m:
     state = m.restore(20)['state']
-  # 20 training steps moved the running variance away from its init (ones).
+  # 20 training steps moved every channel's running variance away from its
+  # init (exactly one if the statistics were dropped). By how much depends
+  # on rounding: one channel ended 1e-3 from it after a change of XLA flags.
   var = np.asarray(state['model_state']['batch_stats']['final_norm']['var'])
-  assert np.all(np.abs(var - 1.0) > 1e-3), var
+  assert np.all(np.abs(var - 1.0) > 1e-5), var
+  assert np.abs(var - 1.0).max() > 0.1, var

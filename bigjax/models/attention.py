@@ -28,11 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from bigjax.models import axes
+from bigjax.models import dense
 from bigjax.models import positional
 
-KERNELS = ('einsum', 'xla', 'cudnn', 'chunked')
+KERNELS = ('einsum', 'xla', 'cudnn', 'chunked', 'blocked')
 
 # Logit given to masked pairs. Finite, unlike -inf, so that a fully masked row
 # has a well-defined (uniform) softmax and max-subtraction never gives NaN;
@@ -210,6 +212,83 @@ def _chunked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   return out
 
 
+def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
+                       block_queries, block_logits):
+  """Exact attention in cache-sized pieces: the CPU's fast kernel.
+
+  The einsum kernel's softmax(QK^T)V, computed for a few examples at a time
+  (`lax.map`: as many as keep their logits within `block_logits` elements)
+  and, inside those, `block_queries` queries at a time; each block of
+  examples is `jax.checkpoint`ed, so the backward pass recomputes its
+  softmax instead of reading it back from memory. Under a causal mask a
+  block of queries only computes the prefix of keys it can see, skipping the
+  masked half of the work. Every piece is then small enough to stay in a
+  core's cache, where the einsum kernel streams [batch, heads, q_len,
+  kv_len] tensors through main memory some fifteen times a step. Measured on
+  one core (4 heads of 64, 256 tokens, batch 32, causal, forward +
+  backward): einsum 176 ms, this kernel 61 ms, PyTorch's fused
+  `scaled_dot_product_attention` 79 ms. (Laying q, k and v out head-major
+  first, so that no piece transposes, made the benchmark GPT's step 14%
+  slower: XLA's batched products of the small pieces were slower.)
+
+  Values and gradients are the einsum kernel's (up to rounding); rows that
+  see no key output zeros.
+  """
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  if mask is not None:
+    mask = _as_4d(jnp.asarray(mask, bool))
+  # Examples per block: the largest divisor of the batch whose logits fit.
+  per_example = n * min(t, block_queries) * s
+  examples = max([e for e in range(1, b + 1)
+                  if b % e == 0 and e * per_example <= block_logits] or [1])
+  mapped = {'q': q, 'k': k, 'v': v, 'q_valid': q_valid, 'kv_valid': kv_valid}
+  whole_mask = mask  # Broadcast over the batch: every block reads it all.
+  if mask is not None and mask.shape[0] == b and b > 1:
+    mapped['mask'], whole_mask = mask, None
+
+  def piece_mask(xs, block_mask, start, stop, end):
+    """bool [e|1, heads|1, stop - start, end] (or None): which of keys
+    [0, end) queries [start, stop) may see."""
+    return combine_masks(
+        None if block_mask is None else block_mask[
+            :, :,
+            slice(start, stop) if block_mask.shape[2] > 1 else slice(None),
+            slice(0, end) if block_mask.shape[3] > 1 else slice(None)],
+        (jnp.arange(end)[None, :] <= jnp.arange(start, stop)[:, None]
+         + (s - t))[None, None] if is_causal else None,
+        padding_mask(
+            None if xs['q_valid'] is None else xs['q_valid'][:, start:stop],
+            None if xs['kv_valid'] is None else xs['kv_valid'][:, :end])
+        if xs['q_valid'] is not None or xs['kv_valid'] is not None else None)
+
+  def attend(xs):
+    """One block of examples: [e, q_len, heads, head_dim]."""
+    block_mask = xs.get('mask', whole_mask)
+    outs = []
+    for start in range(0, t, block_queries):
+      stop = min(start + block_queries, t)
+      # Under the causal mask (aligned as in causal_mask) these queries see
+      # keys [0, end) at most.
+      end = max(0, min(s, stop + s - t)) if is_causal else s
+      if end == 0:
+        outs.append(jnp.zeros_like(xs['q'][:, start:stop]))
+        continue
+      out, _ = _einsum_attention(
+          xs['q'][:, start:stop], xs['k'][:, :end], xs['v'][:, :end],
+          piece_mask(xs, block_mask, start, stop, end), dropout_rate=0.0,
+          dropout_rng=None)
+      outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+  attend = jax.checkpoint(attend)
+  if examples == b:
+    return attend(mapped)
+  blocks = jax.tree.map(
+      lambda x: x.reshape((b // examples, examples) + x.shape[1:]), mapped)
+  return lax.map(attend, blocks).reshape(q.shape)
+
+
 class _FlashShape(NamedTuple):
   """Static facts of a `_flash` call (hashable, a custom_vjp nondiff arg)."""
   q_len: int
@@ -323,7 +402,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
                           q_valid=None, kv_valid=None, kernel: str = 'einsum',
                           chunk_size: int = 128, dropout_rate: float = 0.0,
-                          dropout_rng=None, return_weights: bool = False):
+                          dropout_rng=None, return_weights: bool = False,
+                          block_queries: int = 64,
+                          block_logits: int = 2 ** 19):
   """softmax(QK^T / sqrt(head_dim)) V, per head, with GQA/MQA.
 
   Args:
@@ -337,8 +418,14 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
     kernel: 'einsum' (plain; the only one that returns weights and applies
       dropout), 'xla' (`jax.nn.dot_product_attention`, implementation chosen
       by JAX), 'cudnn' (the same, forcing cuDNN's fused kernel; GPU only) or
-      'chunked' (online softmax over key chunks; memory linear in lengths).
+      'chunked' (online softmax over key chunks; memory linear in lengths)
+      or 'blocked' (exact attention in cache-sized pieces, skipping the keys
+      a causal mask hides: the fastest on CPUs; `_blocked_attention`).
     chunk_size: keys per chunk of the 'chunked' kernel.
+    block_queries, block_logits: the 'blocked' kernel's pieces: queries per
+      piece, and the most logits (examples x heads x queries x keys) one
+      block of examples may hold; the defaults (64; 2 MB of float32, a
+      core's L2 cache) were the fastest measured on the CPU.
     dropout_rate: dropout on the attention weights ('einsum' only).
     dropout_rng: PRNG key for that dropout; None means no dropout.
     return_weights: also return the weights [batch, heads, q_len, kv_len]
@@ -354,6 +441,11 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
       dropout_rate > 0.0 and dropout_rng is not None)):
     raise ValueError(f"kernel {kernel!r} neither returns attention weights nor "
                      "applies dropout to them; use kernel='einsum'")
+  if kernel == 'blocked':
+    return _blocked_attention(q, k, v, mask, is_causal=is_causal,
+                              q_valid=q_valid, kv_valid=kv_valid,
+                              block_queries=block_queries,
+                              block_logits=block_logits)
   if kernel == 'chunked':
     return _chunked_attention(q, k, v, mask, is_causal=is_causal,
                               q_valid=q_valid, kv_valid=kv_valid,
@@ -519,6 +611,7 @@ class MultiHeadAttention(nn.Module):
     def projection(heads, name, bias):
       return nn.DenseGeneral(
           (heads, head_dim), use_bias=bias, name=name,
+          dot_general=dense.dot_general,
           kernel_init=axes.logical(nn.initializers.lecun_normal(),
                                ('embed', 'heads', 'kv')),
           bias_init=axes.logical(nn.initializers.zeros_init(), ('heads', 'kv')))
@@ -535,12 +628,12 @@ class MultiHeadAttention(nn.Module):
       k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
       v = projection(kv_heads, 'value', self.qkv_bias)(x_kv)
     if self.use_rope:
-      if positions is None:
-        positions = jnp.arange(x_q.shape[1])
+      if positions is None:  # NumPy: a constant table (apply_rope).
+        positions = np.arange(x_q.shape[1])
       q = positional.apply_rope(q, positions)
       if not kv_from_cache:  # Cached keys were rotated before caching.
         if kv_positions is None:
-          kv_positions = positions if self_attention else jnp.arange(
+          kv_positions = positions if self_attention else np.arange(
               x_kv.shape[1])
         k = positional.apply_rope(k, kv_positions)
 
@@ -575,6 +668,7 @@ class MultiHeadAttention(nn.Module):
     """The 'out' projection: [batch, q_len, heads, head_dim] -> features."""
     return nn.DenseGeneral(
         self.out_features or features, axis=(-2, -1), name='out',
+        dot_general=dense.dot_general,
         kernel_init=axes.logical(nn.initializers.lecun_normal(),
                              ('heads', 'kv', 'embed')),
         bias_init=axes.logical(nn.initializers.zeros_init(), ('embed',)))(out)

@@ -36,6 +36,7 @@ from flax.core import meta
 
 from bigjax.models import attention
 from bigjax.models import axes
+from bigjax.models import dense
 from bigjax.models import param_counts
 from bigjax.models import positional as positional_lib
 
@@ -75,12 +76,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     """[batch, length, embed] -> [batch, length, embed]."""
-    h = nn.Dense(self.mlp_dim, name='wi',
+    h = nn.Dense(self.mlp_dim, name='wi', dot_general=dense.dot_general,
                  kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                       ('embed', 'mlp')),
                  bias_init=axes.logical(nn.initializers.zeros_init(), ('mlp',)))(x)
     h = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(h))
-    return nn.Dense(x.shape[-1], name='wo',
+    return nn.Dense(x.shape[-1], name='wo', dot_general=dense.dot_general,
                     kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                          ('mlp', 'embed')),
                     bias_init=axes.logical(nn.initializers.zeros_init(),
@@ -422,7 +423,8 @@ class _TransformerFields(nn.Module):
     mlp_dim: hidden width of the MLPs.
     dropout_rate: dropout on embeddings, sub-layer outputs and MLP hiddens.
     attention_dropout_rate: dropout on attention weights ('einsum' only).
-    attention_kernel: 'einsum', 'xla', 'cudnn' or 'chunked'.
+    attention_kernel: 'einsum', 'xla', 'cudnn', 'chunked' or 'blocked' (the
+      fastest on CPUs); see attention.dot_product_attention.
     positional: 'learned', 'sinusoidal' or 'rope' (ViT: not 'rope').
     cross_layer_sharing: 'none', 'all', 'attention' or 'ffn'.
     step_encoding: per-layer timestep encoding (Universal Transformer).
@@ -552,8 +554,10 @@ class TransformerEncoder(_TransformerFields):
     x = self._add_positions(x, positions, max_len=self.max_len + 1,
                             name='position_embedding')
     x = self._dropout(x, train=train)
+    # positions=None: each layer's RoPE numbers 0..length-1 itself, as a
+    # constant of the program (positional.apply_rope).
     x = self._stack(EncoderBlock, 'blocks')(x, train=train, valid=valid,
-                                            positions=positions)
+                                            positions=None)
     x = _layer_norm('final_norm')(x)
     if self.pooling == 'cls':
       pooled = x[:, 0]
@@ -606,9 +610,12 @@ class DecoderLM(_TransformerFields):
     x = self._add_positions(embed(tokens), positions, max_len=self.max_len,
                             name='position_embedding')
     x = self._dropout(x, train=train)
-    x = self._stack(DecoderBlock, 'blocks')(x, train=train, valid=valid,
-                                            positions=positions, decode=decode,
-                                            **extra)
+    # Outside decoding, positions=None: each layer's RoPE numbers
+    # 0..length-1 itself, as a constant of the program
+    # (positional.apply_rope).
+    x = self._stack(DecoderBlock, 'blocks')(
+        x, train=train, valid=valid, positions=positions if decode else None,
+        decode=decode, **extra)
     x = _layer_norm('final_norm')(x)
     return _output_logits(embed, x, tie=self.tie_embeddings,
                           vocab_size=self.vocab_size)
@@ -664,7 +671,7 @@ class EncoderDecoder(_TransformerFields):
                               name='src_position_embedding')
       x = self._stack(EncoderBlock, 'encoder')(
           self._dropout(x, train=train), train=train, valid=src_valid,
-          positions=src_pos)
+          positions=None)  # 0..length-1, as in DecoderLM.
       context = _layer_norm('encoder_norm')(x)
     elif not decode:
       raise ValueError("EncoderDecoder inputs need 'src' (only decode calls "
@@ -679,7 +686,8 @@ class EncoderDecoder(_TransformerFields):
                             name='tgt_position_embedding')
     y = self._stack(DecoderBlock, 'decoder', cross_attention=True)(
         self._dropout(y, train=train), train=train, valid=tgt_valid,
-        positions=tgt_pos, context=context, context_valid=src_valid,
+        positions=tgt_pos if decode else None, context=context,
+        context_valid=src_valid,
         decode=decode, **extra)
     y = _layer_norm('decoder_norm')(y)
     return _output_logits(embed, y, tie=self.tie_embeddings,
