@@ -21,8 +21,8 @@ validation loss is per character of held-out plays, so it measures
 generalisation, not memorisation.
 
 Model: a GPT-style decoder (pre-LayerNorm, RoPE positions, tied input/output
-embeddings): 2 layers of width 128, 4 heads, feed-forward 512; 0.41M
-parameters, 128 characters of context. AdamW 2e-3 with warmup and cosine
+embeddings, the CPU's 'blocked' attention kernel): 2 layers of width 128, 4
+heads, feed-forward 512; 0.41M parameters, 128 characters of context. AdamW 2e-3 with warmup and cosine
 decay, clipping at norm 1, 1,500 steps of 32 x 128 characters. Measured on
 2 CPU cores shared with other jobs: validation loss 1.574 nats per
 character (2.27 bits) on the held-out plays after 1,065 s (17.8 min) of
@@ -52,6 +52,11 @@ def get_config(arg=None):
   c.model.positional = 'rope'
   c.model.tie_embeddings = True
   c.model.dropout_rate = 0.0
+  # Exact attention in cache-sized pieces, skipping the keys the causal mask
+  # hides: 9% faster steps than 'einsum' on one CPU core (262 against 285
+  # ms). 'einsum' is the kernel that returns attention weights (for maps)
+  # and applies attention dropout; 'cudnn' or 'xla' on a GPU.
+  c.model.attention_kernel = 'blocked'
 
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 2e-3

@@ -226,10 +226,12 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   core's cache, where the einsum kernel streams [batch, heads, q_len,
   kv_len] tensors through main memory some fifteen times a step. Measured on
   one core (4 heads of 64, 256 tokens, batch 32, causal, forward +
-  backward): einsum 176 ms, this kernel 61 ms, PyTorch's fused
-  `scaled_dot_product_attention` 79 ms. (Laying q, k and v out head-major
-  first, so that no piece transposes, made the benchmark GPT's step 14%
-  slower: XLA's batched products of the small pieces were slower.)
+  backward): einsum 176 ms, this kernel 70 ms (64 queries a piece, 4
+  examples a block; 32 or 128 queries, or 2 or 8 examples, were slower),
+  PyTorch's fused `scaled_dot_product_attention` 79 ms. (Laying q, k and v
+  out head-major first, so that no piece transposes, made the benchmark
+  GPT's step 14% slower: XLA's batched products of the small pieces were
+  slower.)
 
   Values and gradients are the einsum kernel's (up to rounding); rows that
   see no key output zeros.
@@ -404,7 +406,7 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
                           chunk_size: int = 128, dropout_rate: float = 0.0,
                           dropout_rng=None, return_weights: bool = False,
                           block_queries: int = 64,
-                          block_logits: int = 2 ** 19):
+                          block_logits: int = 2 ** 18):
   """softmax(QK^T / sqrt(head_dim)) V, per head, with GQA/MQA.
 
   Args:
@@ -424,8 +426,8 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
     chunk_size: keys per chunk of the 'chunked' kernel.
     block_queries, block_logits: the 'blocked' kernel's pieces: queries per
       piece, and the most logits (examples x heads x queries x keys) one
-      block of examples may hold; the defaults (64; 2 MB of float32, a
-      core's L2 cache) were the fastest measured on the CPU.
+      block of examples may hold; the defaults (64; 1 MB of float32, half
+      a core's L2 cache) were the fastest measured on the CPU.
     dropout_rate: dropout on the attention weights ('einsum' only).
     dropout_rng: PRNG key for that dropout; None means no dropout.
     return_weights: also return the weights [batch, heads, q_len, kv_len]
