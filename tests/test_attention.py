@@ -1,6 +1,9 @@
 """Attention against NumPy and Flax, kernels against each other, masks, RoPE."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -326,3 +329,41 @@ def test_rope_tables_are_constants_when_positions_are_known():
   ops = {e.primitive.name for e in jax.make_jaxpr(
       lambda x: positional.apply_rope(x, np.arange(6)))(x).jaxpr.eqns}
   assert not ops & {'sin', 'cos'}
+
+
+_BLOCKED_ON_EIGHT_DEVICES = r'''
+import re, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from bigjax.models import attention
+assert jax.device_count() == 8
+mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+shard = NamedSharding(mesh, P('data'))
+rng = np.random.default_rng(0)
+q, k, v = (jax.device_put(rng.normal(size=(16, 12, 2, 4)).astype(np.float32),
+                          shard) for _ in range(3))
+def loss(kernel):
+  return lambda q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(
+      q, k, v, is_causal=True, kernel=kernel, block_queries=4,
+      block_logits=2 * 4 * 12)))
+want = jax.jit(jax.grad(loss('einsum'), (0, 1, 2)))(q, k, v)
+step = jax.jit(jax.grad(loss('blocked'), (0, 1, 2)), out_shardings=shard)
+for g, w in zip(step(q, k, v), want):
+  np.testing.assert_allclose(g, w, atol=1e-5)
+hlo = step.lower(q, k, v).compile().as_text()
+assert 'while' in hlo  # One of each device's two examples per block.
+found = re.findall(r'all-gather|all-to-all|all-reduce|collective-permute', hlo)
+assert not found, found
+print('ok')
+'''
+
+
+def test_blocked_kernel_keeps_a_data_parallel_batch_on_its_devices():
+  """On 8 devices with the batch split over them, each block holds some of
+  every device's examples: same gradients as einsum, and no collective."""
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _BLOCKED_ON_EIGHT_DEVICES],
+                          env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
