@@ -44,7 +44,7 @@ SETTINGS = {
         # parameters and saved activations statically.
         ('model.scan_unroll', 4),
         # The CPU's attention kernel (cache-sized pieces, causal half
-        # skipped): 176 -> 61 ms per layer's attention, forward + backward.
+        # skipped): 176 -> 70 ms per layer's attention, forward + backward.
         ('model.attention_kernel', 'blocked'))),
     'vit': Setting('configs/vit_fashion_mnist.py'),
     # The GPU model: a GPT of 151M parameters (12 layers of width

@@ -259,24 +259,10 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   if mask is not None and mask.shape[0] == b and b > 1:
     mapped['mask'], whole_mask = mask, None
 
-  def piece_mask(xs, block_mask, start, stop, end):
-    """bool [e|1, heads|1, stop - start, end] (or None): which of keys
-    [0, end) queries [start, stop) may see."""
-    return combine_masks(
-        None if block_mask is None else block_mask[
-            :, :,
-            slice(start, stop) if block_mask.shape[2] > 1 else slice(None),
-            slice(0, end) if block_mask.shape[3] > 1 else slice(None)],
-        (jnp.arange(end)[None, :] <= jnp.arange(start, stop)[:, None]
-         + (s - t))[None, None] if is_causal else None,
-        padding_mask(
-            None if xs['q_valid'] is None else xs['q_valid'][:, start:stop],
-            None if xs['kv_valid'] is None else xs['kv_valid'][:, :end])
-        if xs['q_valid'] is not None or xs['kv_valid'] is not None else None)
-
   def attend(xs):
     """One block of examples: [e, q_len, heads, head_dim]."""
-    block_mask = xs.get('mask', whole_mask)
+    dense = _dense_mask(xs.get('mask', whole_mask), is_causal, xs['q_valid'],
+                        xs['kv_valid'], t, s)  # [e|1, heads|1, t|1, s|1].
     outs = []
     for start in range(0, t, block_queries):
       stop = min(start + block_queries, t)
@@ -286,10 +272,12 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
       if end == 0:
         outs.append(jnp.zeros_like(xs['q'][:, start:stop]))
         continue
+      piece_mask = None if dense is None else dense[
+          :, :, slice(start, stop) if dense.shape[2] > 1 else slice(None),
+          slice(0, end) if dense.shape[3] > 1 else slice(None)]
       out, _ = _einsum_attention(
           xs['q'][:, start:stop], xs['k'][:, :end], xs['v'][:, :end],
-          piece_mask(xs, block_mask, start, stop, end), dropout_rate=0.0,
-          dropout_rng=None)
+          piece_mask, dropout_rate=0.0, dropout_rng=None)
       outs.append(out)
     return jnp.concatenate(outs, axis=1)
 

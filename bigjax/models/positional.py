@@ -95,7 +95,7 @@ def apply_rope(x, positions, *, max_timescale: float = 1e4):
     # of the program. Computed in it, XLA fuses sin and cos into the
     # rotation and evaluates them again for every head and batch row (on
     # the CPU 2.4x the whole rotation's time in the benchmark GPT).
-    xp, positions = np, np.asarray(positions)
+    xp = np
   positions = xp.asarray(positions, xp.float32)
   if positions.ndim == 1:
     positions = positions[None]
