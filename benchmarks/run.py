@@ -42,6 +42,10 @@ which bigjax's CPU flags turn off:
 
   --jax_variant=ynn_dots:xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
 
+Both frameworks run in this one process under bigjax's process settings
+(`bigjax.platform`: XLA:CPU flags, and glibc malloc keeping freed memory,
+which spares both of them re-faulting their buffers every step).
+
 Threads: torch's OpenMP pool waits for all its threads at every operation,
 so when other jobs hold the cores it slows down far more than XLA's pool
 (seen here: the LSTM's torch step 4-30x slower on 2 threads than on 1 with
