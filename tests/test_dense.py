@@ -75,3 +75,25 @@ def test_other_products_are_passed_through():
   numbers = (((1,), (1,)), ((), ()))  # rhs contracts its last axis.
   np.testing.assert_allclose(dense.dot_general(a[0], c, numbers),
                              lax.dot_general(a[0], c, numbers), rtol=1e-6)
+
+
+def test_matmul_inside_a_scan_equals_the_plain_product():
+  """`matmul` as the recurrent cells use it: inside a scan, the weight
+  broadcast over steps; values and both gradients as with `@`."""
+  rng = np.random.default_rng(2)
+  xs = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+
+  def run(matmul, w, xs):
+    def step(h, x):
+      h = jnp.tanh(matmul(jnp.concatenate([h, x], -1), w))
+      return h, h
+    return jnp.sum(jnp.sin(lax.scan(step, jnp.zeros((3, 4)), xs)[1]))
+
+  plain = lambda x, w: x @ w
+  np.testing.assert_allclose(run(dense.matmul, w, xs), run(plain, w, xs),
+                             rtol=1e-6)
+  want = jax.grad(lambda w, xs: run(plain, w, xs), argnums=(0, 1))(w, xs)
+  got = jax.grad(lambda w, xs: run(dense.matmul, w, xs), argnums=(0, 1))(w, xs)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

@@ -44,6 +44,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   return _dense_dot(lhs, rhs, k, precision, preferred_element_type)
 
 
+def matmul(x, w):
+  """x [..., K] @ w [K, N] -> [..., N] through `dot_general` (the recurrent
+  cells' products, made inside `nn.scan`)."""
+  return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _dense_dot(x, w, k, precision, preferred_element_type):
   """x [*batch, *contract] . w [*contract, *out] -> [*batch, *out], as 2D."""

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from bigjax.models import attention as attention_lib
 from bigjax.models import axes
+from bigjax.models import dense
 from bigjax.models import param_counts
 # For TokenEmbedding only: one embedding (and tied output layer) for every
 # token model.
@@ -109,7 +110,8 @@ class ElmanCell(_HiddenStateCell):
     bias = self.param('bias',
                       axes.logical(nn.initializers.zeros_init(), _BIAS_AXES),
                       (self.features,), self.param_dtype)
-    h = self.activation(jnp.concatenate([carry, x], -1) @ kernel + bias)
+    h = self.activation(
+        dense.matmul(jnp.concatenate([carry, x], -1), kernel) + bias)
     return h, h
 
 
@@ -154,7 +156,10 @@ class LSTMCell(nn.RNNCellBase):
     bias = self.param('bias', axes.logical(bias_init, _BIAS_AXES), (4 * n,),
                       self.param_dtype)
 
-    gates = jnp.concatenate([h, x], -1) @ kernel + bias
+    # dense.matmul: XLA:CPU ran the backward's d[h, x] = dgates . kernel^T
+    # with the kernel transposed inside the product, 13% of a 28-step LSTM
+    # training step more than with kernel^T materialised.
+    gates = dense.matmul(jnp.concatenate([h, x], -1), kernel) + bias
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -205,8 +210,8 @@ class GRUCell(_HiddenStateCell):
         (n, 3 * n), self.param_dtype)
     b_hn = self.param('recurrent_bias', axes.logical(zeros, ('rnn_hidden',)),
                       (n,), self.param_dtype)
-    xr, xz, xn = jnp.split(x @ w_x + b_x, 3, axis=-1)
-    hr, hz, hn = jnp.split(carry @ w_h, 3, axis=-1)
+    xr, xz, xn = jnp.split(dense.matmul(x, w_x) + b_x, 3, axis=-1)
+    hr, hz, hn = jnp.split(dense.matmul(carry, w_h), 3, axis=-1)
     r = jax.nn.sigmoid(xr + hr)
     z = jax.nn.sigmoid(xz + hz)
     new = jnp.tanh(xn + r * (hn + b_hn))
