@@ -212,34 +212,205 @@ def _chunked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   return out
 
 
+class _Blocks(NamedTuple):
+  """Static facts of a `_blocked` call (hashable, a custom_vjp nondiff arg).
+
+  `iterations` blocks of examples; `strided`: block i holds examples i,
+  i + iterations, ... rather than a contiguous run (see _blocked_attention).
+  """
+  q_len: int
+  kv_len: int
+  is_causal: bool
+  block_queries: int
+  iterations: int
+  strided: bool
+
+  def pieces(self):
+    """(start, stop, end) of each piece: queries [start, stop) see keys
+    [0, end) at most (all keys without the causal mask, aligned as in
+    causal_mask with it)."""
+    t, s = self.q_len, self.kv_len
+    out = []
+    for start in range(0, t, self.block_queries):
+      stop = min(start + self.block_queries, t)
+      out.append((start, stop,
+                  max(0, min(s, stop + s - t)) if self.is_causal else s))
+    return out
+
+  def split(self, x):
+    """[b, ...] -> [iterations, b // iterations, ...], contiguous or strided."""
+    b, rest = x.shape[0], x.shape[1:]
+    if not self.strided:
+      return x.reshape((self.iterations, b // self.iterations) + rest)
+    return jnp.moveaxis(
+        x.reshape((b // self.iterations, self.iterations) + rest), 1, 0)
+
+  def merge(self, x):
+    """The inverse of `split`."""
+    if self.strided:
+      x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _head_major(x, kv_heads):
+  """[e, t, heads, d] -> [e, kv_heads, heads // kv_heads, t, d]."""
+  return _group_queries(x, kv_heads).transpose(0, 2, 3, 1, 4)
+
+
+def _token_major(x):
+  """[e, kv_heads, g, t, d] -> [e, t, kv_heads * g, d]."""
+  e, kv_heads, g, t, d = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(e, t, kv_heads * g, d)
+
+
+def _piece_logits(cfg, masks, qs, kt, start, stop, end):
+  """Scaled logits of one piece, float32, masked to _MASKED.
+
+  qs [e, K, g, tq, d] (already scaled), kt [e, K, d, end] -> [e, K, g, tq,
+  end]. `masks` (this block's) is turned into the dense mask and sliced.
+  """
+  logits = jnp.einsum('bkgtd,bkds->bkgts', qs, kt).astype(_stat_dtype(qs))
+  dense = _dense_mask(masks.get('mask'), cfg.is_causal, masks.get('q_valid'),
+                      masks.get('kv_valid'), cfg.q_len, cfg.kv_len)
+  if dense is None:
+    return logits
+  mask = dense[:, :, slice(start, stop) if dense.shape[2] > 1 else slice(None),
+               slice(0, end) if dense.shape[3] > 1 else slice(None)]
+  # [e|1, heads|1, ...] -> [e|1, K|1, g|1, ...], as the logits.
+  kv_heads, g = qs.shape[1:3]
+  mask = (mask.reshape(mask.shape[0], kv_heads, g, *mask.shape[2:])
+          if mask.shape[1] > 1 else mask[:, :, None])
+  return jnp.where(mask, logits, _MASKED)
+
+
+def _block_forward(cfg, masks, q, k, v):
+  """One block of examples: q [e, t, heads, d], k, v [e, s, K, d] ->
+  (out [e, t, heads, d], log-sum-exp [e, K, g, t] of each row's logits;
+  +1e30 for rows that see no key, so that exp(logits - lse) is 0)."""
+  kv_heads, d = k.shape[2:]
+  qh = _head_major(q, kv_heads) * jnp.asarray(d ** -0.5, q.dtype)
+  kt, vh = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+  outs, lses = [], []
+  for start, stop, end in cfg.pieces():
+    if end == 0:
+      outs.append(jnp.zeros_like(qh[:, :, :, start:stop]))
+      lses.append(jnp.full(qh.shape[:3] + (stop - start,), -_MASKED,
+                           _stat_dtype(q)))
+      continue
+    logits = _piece_logits(cfg, masks, qh[:, :, :, start:stop],
+                           kt[..., :end], start, stop, end)
+    top = logits.max(-1, keepdims=True)
+    p = jnp.exp(logits - top)
+    total = p.sum(-1, keepdims=True)
+    seen = top > _MASKED / 2
+    out = jnp.einsum('bkgts,bksd->bkgtd', p.astype(v.dtype), vh[:, :, :end])
+    outs.append(out * jnp.where(seen, 1.0 / total, 0.0).astype(out.dtype))
+    lses.append(jnp.where(seen, top + jnp.log(total), -_MASKED)[..., 0])
+  return _token_major(jnp.concatenate(outs, 3)), jnp.concatenate(lses, -1)
+
+
+def _block_backward(cfg, masks, q, k, v, out, lse, d_out):
+  """One block's (dq, dk, dv), each the shape of its input, from the
+  softmax recomputed with the saved log-sum-exp (FlashAttention-2's
+  backward): dS = P * (dO V^T - rowsum(dO * O))."""
+  kv_heads, d = k.shape[2:]
+  scale = jnp.asarray(d ** -0.5, q.dtype)
+  stat = lse.dtype
+  delta = _head_major(jnp.sum(d_out.astype(stat) * out.astype(stat), -1,
+                              keepdims=True), kv_heads)[..., 0]
+  qh, d_outh = _head_major(q, kv_heads) * scale, _head_major(d_out, kv_heads)
+  kh, kt, vt = (k.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
+                v.transpose(0, 2, 3, 1))
+  dqs, dks, dvs = [], [], []
+  for start, stop, end in cfg.pieces():
+    if end == 0:
+      dqs.append(jnp.zeros_like(qh[:, :, :, start:stop]))
+      continue
+    qs, d_outs = qh[:, :, :, start:stop], d_outh[:, :, :, start:stop]
+    logits = _piece_logits(cfg, masks, qs, kt[..., :end], start, stop, end)
+    p = jnp.exp(logits - lse[..., start:stop, None])
+    dp = jnp.einsum('bkgtd,bkds->bkgts', d_outs, vt[..., :end]).astype(stat)
+    ds = (p * (dp - delta[..., start:stop, None])).astype(q.dtype)
+    dqs.append(jnp.einsum('bkgts,bksd->bkgtd', ds, kh[:, :, :end]))
+    # Keys [0, end) only: padded to all keys, summed over the pieces.
+    pad = ((0, 0), (0, 0), (0, 0), (0, cfg.kv_len - end))
+    dks.append(jnp.pad(jnp.einsum('bkgtd,bkgts->bkds', qs, ds), pad))
+    dvs.append(jnp.pad(jnp.einsum('bkgtd,bkgts->bkds', d_outs,
+                                  p.astype(v.dtype)), pad))
+  dk = functools.reduce(jnp.add, dks).transpose(0, 3, 1, 2)
+  dv = functools.reduce(jnp.add, dvs).transpose(0, 3, 1, 2)
+  dq = _token_major(jnp.concatenate(dqs, 3) * scale)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked(cfg, q, k, v, masks):
+  """`_blocked_attention`'s output; masks: {'mapped': {name: [b, ...]}
+  (split into blocks with the examples), 'whole': {name: array}}."""
+  return _blocked_fwd(cfg, q, k, v, masks)[0]
+
+
+def _block_masks(masks, mapped):
+  return {**masks['whole'], **mapped}
+
+
+def _blocked_fwd(cfg, q, k, v, masks):
+  blocks = jax.tree.map(cfg.split, {'q': q, 'k': k, 'v': v,
+                                    'masks': masks['mapped']})
+  out, lse = lax.map(lambda xs: _block_forward(
+      cfg, _block_masks(masks, xs['masks']), xs['q'], xs['k'], xs['v']),
+                     blocks)
+  out = cfg.merge(out)
+  return out, (q, k, v, masks, out, lse)
+
+
+def _blocked_bwd(cfg, residuals, d_out):
+  q, k, v, masks, out, lse = residuals
+  blocks = jax.tree.map(cfg.split, {'q': q, 'k': k, 'v': v, 'out': out,
+                                    'd_out': d_out, 'masks': masks['mapped']})
+  blocks['lse'] = lse  # Made in blocks.
+  dq, dk, dv = lax.map(lambda xs: _block_backward(
+      cfg, _block_masks(masks, xs['masks']), xs['q'], xs['k'], xs['v'],
+      xs['out'], xs['lse'], xs['d_out']), blocks)
+  return cfg.merge(dq), cfg.merge(dk), cfg.merge(dv), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
 def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
                        block_queries, block_logits):
   """Exact attention in cache-sized pieces: the CPU's fast kernel.
 
   The einsum kernel's softmax(QK^T)V, computed for a few examples at a time
   (`lax.map`: as many as keep their logits within `block_logits` elements)
-  and, inside those, `block_queries` queries at a time; each block of
-  examples is `jax.checkpoint`ed, so the backward pass recomputes its
-  softmax instead of reading it back from memory. Under a causal mask a
-  block of queries only computes the prefix of keys it can see, skipping the
-  masked half of the work. Every piece is then small enough to stay in a
+  and, inside those, `block_queries` queries at a time. Under a causal mask
+  a block of queries only computes the prefix of keys it can see, skipping
+  the masked half of the work. Every piece is small enough to stay in a
   core's cache, where the einsum kernel streams [batch, heads, q_len,
-  kv_len] tensors through main memory some fifteen times a step. Measured on
-  one core (4 heads of 64, 256 tokens, batch 32, causal, forward +
-  backward): einsum 176 ms, this kernel 70 ms (64 queries a piece, 4
-  examples a block; 32 or 128 queries, or 2 or 8 examples, were slower),
-  PyTorch's fused `scaled_dot_product_attention` 79 ms. (Laying q, k and v
-  out head-major first, so that no piece transposes, made the benchmark
-  GPT's step 14% slower: XLA's batched products of the small pieces were
-  slower.)
+  kv_len] tensors through main memory some fifteen times a step.
+
+  Its backward pass is written out (`_blocked`'s custom VJP), as
+  FlashAttention-2's: it keeps only the output and each row's log-sum-exp,
+  recomputes each piece's softmax from them, and forms dS = P * (dO V^T -
+  rowsum(dO * O)). Inside a block, pieces work head-major with K^T formed
+  once, so that every product is a plain batched matmul.
+
+  Measured on one core (4 heads of 64, 256 tokens, batch 32, causal,
+  forward + backward): einsum 117-124 ms, this kernel's first form
+  (`jax.checkpoint`ed blocks, autodiff backward) 80-85 ms alone, this one
+  103-108 ms alone; but inside the benchmark GPT's step (4 such layers)
+  this one made the step 1.90-1.96 s against 1.92-2.08 s, its residuals
+  being q, k, v and the output rather than every block's inputs stacked
+  again. PyTorch's fused `scaled_dot_product_attention`: 79 ms alone. 64
+  queries a piece and 4 examples a block (1 MB of logits) were the
+  fastest; 32 or 128 queries, 2 or 8 examples, were slower.
 
   Values and gradients are the einsum kernel's (up to rounding); rows that
-  see no key output zeros.
+  see no key output zeros, with zero gradients.
   """
   b, t, n, _ = q.shape
   s = k.shape[1]
-  if mask is not None:
-    mask = _as_4d(jnp.asarray(mask, bool))
   # `iterations` blocks of examples, each keeping a device's logits within
   # block_logits: the fewest that divide the batch per device (assuming all
   # devices hold a share). On one device block i holds examples [i * e,
@@ -254,45 +425,16 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   local = b // devices if b % devices == 0 else 1
   iterations = min([i for i in range(1, local + 1) if local % i == 0
                     and local // i * per_example <= block_logits] or [local])
-  mapped = {'q': q, 'k': k, 'v': v, 'q_valid': q_valid, 'kv_valid': kv_valid}
-  whole_mask = mask  # Broadcast over the batch: every block reads it all.
-  if mask is not None and mask.shape[0] == b and b > 1:
-    mapped['mask'], whole_mask = mask, None
-
-  def attend(xs):
-    """One block of examples: [e, q_len, heads, head_dim]."""
-    dense = _dense_mask(xs.get('mask', whole_mask), is_causal, xs['q_valid'],
-                        xs['kv_valid'], t, s)  # [e|1, heads|1, t|1, s|1].
-    outs = []
-    for start in range(0, t, block_queries):
-      stop = min(start + block_queries, t)
-      # Under the causal mask (aligned as in causal_mask) these queries see
-      # keys [0, end) at most.
-      end = max(0, min(s, stop + s - t)) if is_causal else s
-      if end == 0:
-        outs.append(jnp.zeros_like(xs['q'][:, start:stop]))
-        continue
-      piece_mask = None if dense is None else dense[
-          :, :, slice(start, stop) if dense.shape[2] > 1 else slice(None),
-          slice(0, end) if dense.shape[3] > 1 else slice(None)]
-      out, _ = _einsum_attention(
-          xs['q'][:, start:stop], xs['k'][:, :end], xs['v'][:, :end],
-          piece_mask, dropout_rate=0.0, dropout_rng=None)
-      outs.append(out)
-    return jnp.concatenate(outs, axis=1)
-
-  attend = jax.checkpoint(attend)
-  if iterations == 1:
-    return attend(mapped)
-  # [b, ...] -> [iterations, b // iterations, ...], contiguous or strided.
-  if devices == 1:
-    blocks = jax.tree.map(
-        lambda x: x.reshape((iterations, b // iterations) + x.shape[1:]),
-        mapped)
-    return lax.map(attend, blocks).reshape(q.shape)
-  blocks = jax.tree.map(lambda x: jnp.moveaxis(
-      x.reshape((b // iterations, iterations) + x.shape[1:]), 1, 0), mapped)
-  return jnp.moveaxis(lax.map(attend, blocks), 0, 1).reshape(q.shape)
+  mapped = {name: x for name, x in (('q_valid', q_valid),
+                                    ('kv_valid', kv_valid)) if x is not None}
+  whole = {}
+  if mask is not None:
+    mask = _as_4d(jnp.asarray(mask, bool))
+    # A mask over the batch is split with it; a broadcast one is read whole.
+    (mapped if mask.shape[0] == b and b > 1 else whole)['mask'] = mask
+  cfg = _Blocks(t, s, is_causal, block_queries, iterations,
+                strided=devices > 1 and iterations > 1)
+  return _blocked(cfg, q, k, v, {'mapped': mapped, 'whole': whole})
 
 
 class _FlashShape(NamedTuple):
