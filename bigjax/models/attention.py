@@ -397,14 +397,15 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   once, so that every product is a plain batched matmul.
 
   Measured on one core (4 heads of 64, 256 tokens, batch 32, causal,
-  forward + backward): einsum 117-124 ms, this kernel's first form
-  (`jax.checkpoint`ed blocks, autodiff backward) 80-85 ms alone, this one
-  103-108 ms alone; but inside the benchmark GPT's step (4 such layers)
-  this one made the step 1.90-1.96 s against 1.92-2.08 s, its residuals
-  being q, k, v and the output rather than every block's inputs stacked
-  again. PyTorch's fused `scaled_dot_product_attention`: 79 ms alone. 64
-  queries a piece and 4 examples a block (1 MB of logits) were the
-  fastest; 32 or 128 queries, 2 or 8 examples, were slower.
+  forward + backward, 64 queries a piece): einsum 117-124 ms, this
+  kernel's first form (`jax.checkpoint`ed blocks, autodiff backward) 80-85
+  ms alone, this one 103-108 ms alone; but inside the benchmark GPT's step
+  (4 such layers) this one made the step 2.00-2.03 s against 2.05-2.13 s,
+  its residuals being q, k, v and the output rather than every block's
+  inputs stacked again. PyTorch's fused `scaled_dot_product_attention`: 79
+  ms alone. In that step, 128 queries a piece and 2 examples a block (1 MB
+  of logits) were the fastest: 1.94 s, against 2.02-2.03 s with 64 queries
+  and 4 examples, 2.12 s with 32 queries, 2.06 s with all 256 at once.
 
   Values and gradients are the einsum kernel's (up to rounding); rows that
   see no key output zeros, with zero gradients.
@@ -551,7 +552,7 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
                           q_valid=None, kv_valid=None, kernel: str = 'einsum',
                           chunk_size: int = 128, dropout_rate: float = 0.0,
                           dropout_rng=None, return_weights: bool = False,
-                          block_queries: int = 64,
+                          block_queries: int = 128,
                           block_logits: int = 2 ** 18):
   """softmax(QK^T / sqrt(head_dim)) V, per head, with GQA/MQA.
 
@@ -572,8 +573,9 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
     chunk_size: keys per chunk of the 'chunked' kernel.
     block_queries, block_logits: the 'blocked' kernel's pieces: queries per
       piece, and the most logits (examples x heads x queries x keys) one
-      block of examples may hold; the defaults (64; 1 MB of float32, half
-      a core's L2 cache) were the fastest measured on the CPU.
+      block of examples may hold; the defaults (128; 1 MB of float32, half
+      a core's L2 cache) were the fastest measured on the CPU in the
+      benchmark GPT's step (`_blocked_attention`).
     dropout_rate: dropout on the attention weights ('einsum' only).
     dropout_rng: PRNG key for that dropout; None means no dropout.
     return_weights: also return the weights [batch, heads, q_len, kv_len]
