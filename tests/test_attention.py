@@ -181,6 +181,46 @@ def test_gradients_match_finite_differences(kernel):
         (q, k, v), order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize('kernel', ['einsum', 'chunked', 'blocked'])
+@pytest.mark.parametrize('batch_positions', [False, True])
+def test_rope_argument_equals_rotating_first(kernel, batch_positions):
+  """rope=(q_positions, kv_positions) is apply_rope on q and k, then
+  attention: values and gradients (the blocked kernel rotates inside its
+  pieces and turns the gradients back itself), with per-example positions
+  and a padding mask too."""
+  q, k, v = _qkv(4, 2)
+  q_pos, kv_pos = np.arange(Q) + 3, np.arange(K)
+  if batch_positions:  # [batch, length]: rows start at different offsets.
+    q_pos = np.stack([q_pos, q_pos + 5])
+    kv_pos = np.stack([kv_pos, kv_pos + 2])
+  kwargs = dict(is_causal=True, kv_valid=KV_VALID, chunk_size=3,
+                block_queries=2, block_logits=1)
+  probe = np.random.default_rng(5).normal(size=q.shape)
+
+  def loss(q, k, v, fused):
+    if fused:
+      out = attention.dot_product_attention(q, k, v, kernel=kernel,
+                                            rope=(q_pos, kv_pos), **kwargs)
+    else:
+      out = attention.dot_product_attention(
+          positional.apply_rope(q, q_pos), positional.apply_rope(k, kv_pos),
+          v, kernel='einsum', **kwargs)
+    return jnp.sum(probe * out)
+
+  np.testing.assert_allclose(loss(q, k, v, True), loss(q, k, v, False),
+                             rtol=1e-5)
+  got = jax.grad(functools.partial(loss, fused=True), (0, 1, 2))(q, k, v)
+  want = jax.grad(functools.partial(loss, fused=False), (0, 1, 2))(q, k, v)
+  for g, w, name in zip(got, want, 'qkv'):
+    np.testing.assert_allclose(g, w, atol=2e-5, err_msg=f'd{name}')
+  # Traced positions (decoding's) take the same path.
+  traced = jax.jit(lambda q, k, v, qp, kp: attention.dot_product_attention(
+      q, k, v, kernel=kernel, rope=(qp, kp), **kwargs))(q, k, v, q_pos,
+                                                        kv_pos)
+  np.testing.assert_allclose(jnp.sum(probe * traced),
+                             loss(q, k, v, False), rtol=1e-5)
+
+
 def test_chunked_memory_is_linear_in_length():
   """Doubling both lengths ~doubles the chunked kernel's temporaries and
   ~quadruples the einsum kernel's."""

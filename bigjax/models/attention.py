@@ -263,15 +263,15 @@ def _token_major(x):
   return x.transpose(0, 3, 1, 2, 4).reshape(e, t, kv_heads * g, d)
 
 
-def _piece_logits(cfg, masks, qs, kt, start, stop, end):
+def _piece_logits(cfg, side, qs, kt, start, stop, end):
   """Scaled logits of one piece, float32, masked to _MASKED.
 
   qs [e, K, g, tq, d] (already scaled), kt [e, K, d, end] -> [e, K, g, tq,
-  end]. `masks` (this block's) is turned into the dense mask and sliced.
+  end]. `side` (this block's) is turned into the dense mask and sliced.
   """
   logits = jnp.einsum('bkgtd,bkds->bkgts', qs, kt).astype(_stat_dtype(qs))
-  dense = _dense_mask(masks.get('mask'), cfg.is_causal, masks.get('q_valid'),
-                      masks.get('kv_valid'), cfg.q_len, cfg.kv_len)
+  dense = _dense_mask(side.get('mask'), cfg.is_causal, side.get('q_valid'),
+                      side.get('kv_valid'), cfg.q_len, cfg.kv_len)
   if dense is None:
     return logits
   mask = dense[:, :, slice(start, stop) if dense.shape[2] > 1 else slice(None),
@@ -283,11 +283,21 @@ def _piece_logits(cfg, masks, qs, kt, start, stop, end):
   return jnp.where(mask, logits, _MASKED)
 
 
-def _block_forward(cfg, masks, q, k, v):
+def _rotated(side, q, k, inverse=False):
+  """q and k turned by RoPE's tables in `side` (if any), or back."""
+  if 'q_cos' not in side:
+    return q, k
+  sign = -1 if inverse else 1
+  return (positional.rotate(q, side['q_cos'], sign * side['q_sin']),
+          positional.rotate(k, side['kv_cos'], sign * side['kv_sin']))
+
+
+def _block_forward(cfg, side, q, k, v):
   """One block of examples: q [e, t, heads, d], k, v [e, s, K, d] ->
   (out [e, t, heads, d], log-sum-exp [e, K, g, t] of each row's logits;
   +1e30 for rows that see no key, so that exp(logits - lse) is 0)."""
   kv_heads, d = k.shape[2:]
+  q, k = _rotated(side, q, k)
   qh = _head_major(q, kv_heads) * jnp.asarray(d ** -0.5, q.dtype)
   kt, vh = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
   outs, lses = [], []
@@ -297,7 +307,7 @@ def _block_forward(cfg, masks, q, k, v):
       lses.append(jnp.full(qh.shape[:3] + (stop - start,), -_MASKED,
                            _stat_dtype(q)))
       continue
-    logits = _piece_logits(cfg, masks, qh[:, :, :, start:stop],
+    logits = _piece_logits(cfg, side, qh[:, :, :, start:stop],
                            kt[..., :end], start, stop, end)
     top = logits.max(-1, keepdims=True)
     p = jnp.exp(logits - top)
@@ -309,7 +319,7 @@ def _block_forward(cfg, masks, q, k, v):
   return _token_major(jnp.concatenate(outs, 3)), jnp.concatenate(lses, -1)
 
 
-def _block_backward(cfg, masks, q, k, v, out, lse, d_out):
+def _block_backward(cfg, side, q, k, v, out, lse, d_out):
   """One block's (dq, dk, dv), each the shape of its input, from the
   softmax recomputed with the saved log-sum-exp (FlashAttention-2's
   backward): dS = P * (dO V^T - rowsum(dO * O))."""
@@ -318,6 +328,7 @@ def _block_backward(cfg, masks, q, k, v, out, lse, d_out):
   stat = lse.dtype
   delta = _head_major(jnp.sum(d_out.astype(stat) * out.astype(stat), -1,
                               keepdims=True), kv_heads)[..., 0]
+  q, k = _rotated(side, q, k)
   qh, d_outh = _head_major(q, kv_heads) * scale, _head_major(d_out, kv_heads)
   kh, kt, vt = (k.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
                 v.transpose(0, 2, 3, 1))
@@ -327,7 +338,7 @@ def _block_backward(cfg, masks, q, k, v, out, lse, d_out):
       dqs.append(jnp.zeros_like(qh[:, :, :, start:stop]))
       continue
     qs, d_outs = qh[:, :, :, start:stop], d_outh[:, :, :, start:stop]
-    logits = _piece_logits(cfg, masks, qs, kt[..., :end], start, stop, end)
+    logits = _piece_logits(cfg, side, qs, kt[..., :end], start, stop, end)
     p = jnp.exp(logits - lse[..., start:stop, None])
     dp = jnp.einsum('bkgtd,bkds->bkgts', d_outs, vt[..., :end]).astype(stat)
     ds = (p * (dp - delta[..., start:stop, None])).astype(q.dtype)
@@ -340,37 +351,39 @@ def _block_backward(cfg, masks, q, k, v, out, lse, d_out):
   dk = functools.reduce(jnp.add, dks).transpose(0, 3, 1, 2)
   dv = functools.reduce(jnp.add, dvs).transpose(0, 3, 1, 2)
   dq = _token_major(jnp.concatenate(dqs, 3) * scale)
+  dq, dk = _rotated(side, dq, dk, inverse=True)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked(cfg, q, k, v, masks):
-  """`_blocked_attention`'s output; masks: {'mapped': {name: [b, ...]}
-  (split into blocks with the examples), 'whole': {name: array}}."""
-  return _blocked_fwd(cfg, q, k, v, masks)[0]
+def _blocked(cfg, q, k, v, side):
+  """`_blocked_attention`'s output. side: the inputs that get no gradient
+  (masks, RoPE tables), {'mapped': {name: [b, ...]} (split into blocks with
+  the examples), 'whole': {name: array} (read whole by every block)}."""
+  return _blocked_fwd(cfg, q, k, v, side)[0]
 
 
-def _block_masks(masks, mapped):
-  return {**masks['whole'], **mapped}
+def _block_side(side, mapped):
+  return {**side['whole'], **mapped}
 
 
-def _blocked_fwd(cfg, q, k, v, masks):
+def _blocked_fwd(cfg, q, k, v, side):
   blocks = jax.tree.map(cfg.split, {'q': q, 'k': k, 'v': v,
-                                    'masks': masks['mapped']})
+                                    'side': side['mapped']})
   out, lse = lax.map(lambda xs: _block_forward(
-      cfg, _block_masks(masks, xs['masks']), xs['q'], xs['k'], xs['v']),
+      cfg, _block_side(side, xs['side']), xs['q'], xs['k'], xs['v']),
                      blocks)
   out = cfg.merge(out)
-  return out, (q, k, v, masks, out, lse)
+  return out, (q, k, v, side, out, lse)
 
 
 def _blocked_bwd(cfg, residuals, d_out):
-  q, k, v, masks, out, lse = residuals
+  q, k, v, side, out, lse = residuals
   blocks = jax.tree.map(cfg.split, {'q': q, 'k': k, 'v': v, 'out': out,
-                                    'd_out': d_out, 'masks': masks['mapped']})
+                                    'd_out': d_out, 'side': side['mapped']})
   blocks['lse'] = lse  # Made in blocks.
   dq, dk, dv = lax.map(lambda xs: _block_backward(
-      cfg, _block_masks(masks, xs['masks']), xs['q'], xs['k'], xs['v'],
+      cfg, _block_side(side, xs['side']), xs['q'], xs['k'], xs['v'],
       xs['out'], xs['lse'], xs['d_out']), blocks)
   return cfg.merge(dq), cfg.merge(dk), cfg.merge(dv), None
 
@@ -379,7 +392,7 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
-                       block_queries, block_logits):
+                       block_queries, block_logits, rope=None):
   """Exact attention in cache-sized pieces: the CPU's fast kernel.
 
   The einsum kernel's softmax(QK^T)V, computed for a few examples at a time
@@ -407,10 +420,15 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   of logits) were the fastest: 1.94 s, against 2.02-2.03 s with 64 queries
   and 4 examples, 2.12 s with 32 queries, 2.06 s with all 256 at once.
 
+  With `rope` (query and key positions) each block turns its queries and
+  keys by RoPE itself, in cache, and turns their gradients back: the
+  rotation's own passes over q, k and their gradients in the step (49 ms of
+  the benchmark GPT's) are gone.
+
   Values and gradients are the einsum kernel's (up to rounding); rows that
   see no key output zeros, with zero gradients.
   """
-  b, t, n, _ = q.shape
+  b, t, n, d = q.shape
   s = k.shape[1]
   # `iterations` blocks of examples, each keeping a device's logits within
   # block_logits: the fewest that divide the batch per device (assuming all
@@ -433,6 +451,12 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
     mask = _as_4d(jnp.asarray(mask, bool))
     # A mask over the batch is split with it; a broadcast one is read whole.
     (mapped if mask.shape[0] == b and b > 1 else whole)['mask'] = mask
+  if rope is not None:
+    for name, positions in zip(('q', 'kv'), rope):
+      for part, table in zip(('cos', 'sin'),
+                             positional.rope_tables(positions, d)):
+        (mapped if table.shape[0] == b and b > 1 else whole)[
+            f'{name}_{part}'] = table
   cfg = _Blocks(t, s, is_causal, block_queries, iterations,
                 strided=devices > 1 and iterations > 1)
   return _blocked(cfg, q, k, v, {'mapped': mapped, 'whole': whole})
@@ -553,7 +577,7 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
                           chunk_size: int = 128, dropout_rate: float = 0.0,
                           dropout_rng=None, return_weights: bool = False,
                           block_queries: int = 128,
-                          block_logits: int = 2 ** 18):
+                          block_logits: int = 2 ** 18, rope=None):
   """softmax(QK^T / sqrt(head_dim)) V, per head, with GQA/MQA.
 
   Args:
@@ -580,6 +604,10 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
     dropout_rng: PRNG key for that dropout; None means no dropout.
     return_weights: also return the weights [batch, heads, q_len, kv_len]
       ('einsum' only).
+    rope: (q_positions, kv_positions), int [length] or [batch, length]
+      each: turn q and k by RoPE at those positions first
+      (`positional.apply_rope`); the 'blocked' kernel does it inside its
+      pieces. None: q and k are used as given.
 
   Returns:
     [batch, q_len, heads, head_dim], or (that, weights) if return_weights.
@@ -595,7 +623,9 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False,
     return _blocked_attention(q, k, v, mask, is_causal=is_causal,
                               q_valid=q_valid, kv_valid=kv_valid,
                               block_queries=block_queries,
-                              block_logits=block_logits)
+                              block_logits=block_logits, rope=rope)
+  if rope is not None:
+    q, k = positional.apply_rope(q, rope[0]), positional.apply_rope(k, rope[1])
   if kernel == 'chunked':
     return _chunked_attention(q, k, v, mask, is_causal=is_causal,
                               q_valid=q_valid, kv_valid=kv_valid,
@@ -777,17 +807,20 @@ class MultiHeadAttention(nn.Module):
       x_kv = x_q if self_attention else x_kv
       k = projection(kv_heads, 'key', self.qkv_bias)(x_kv)
       v = projection(kv_heads, 'value', self.qkv_bias)(x_kv)
+    rope = None
     if self.use_rope:
       if positions is None:  # NumPy: a constant table (apply_rope).
         positions = np.arange(x_q.shape[1])
-      q = positional.apply_rope(q, positions)
-      if not kv_from_cache:  # Cached keys were rotated before caching.
-        if kv_positions is None:
-          kv_positions = positions if self_attention else np.arange(
-              x_kv.shape[1])
-        k = positional.apply_rope(k, kv_positions)
+      if kv_positions is None and not kv_from_cache:
+        kv_positions = positions if self_attention else np.arange(
+            x_kv.shape[1])
+      rope = (positions, kv_positions)
 
     if decode_masks is not None or decode:
+      if rope is not None:
+        q = positional.apply_rope(q, positions)
+        if not kv_from_cache:  # Cached keys were rotated before caching.
+          k = positional.apply_rope(k, kv_positions)
       if decode_masks is not None:
         out, weights = self._self_attend_with_cache(q, k, v, decode_masks)
       else:
@@ -805,7 +838,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v, mask=mask, is_causal=is_causal, q_valid=q_valid,
         kv_valid=kv_valid, kernel=self.kernel, chunk_size=self.chunk_size,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-        return_weights=self.kernel == 'einsum')
+        return_weights=self.kernel == 'einsum', rope=rope)
     if self.kernel == 'einsum':
       out, weights = result
       # A no-op unless 'intermediates' is mutable, so training pays nothing.

@@ -85,24 +85,36 @@ def apply_rope(x, positions, *, max_timescale: float = 1e4):
   Returns:
     x rotated, same shape and dtype.
   """
-  head_dim = x.shape[-1]
+  return rotate(x, *rope_tables(positions, x.shape[-1],
+                                max_timescale=max_timescale))
+
+
+def rope_tables(positions, head_dim: int, *, max_timescale: float = 1e4):
+  """(cos, sin) of RoPE's angles, each [batch|1, length, 1, head_dim / 2],
+  float32: what `rotate` turns x by.
+
+  NumPy arrays (constants of the program) when `positions` are known while
+  tracing (training's arange); computed in the program when they are traced
+  (decoding). Computed in it, XLA fuses sin and cos into the rotation and
+  evaluates them again for every head and batch row (on the CPU 2.4x the
+  whole rotation's time in the benchmark GPT).
+  """
   if head_dim % 2:
     raise ValueError(f'RoPE needs an even head_dim, got {head_dim}')
-  if isinstance(positions, jax.core.Tracer):
-    xp = jnp  # Positions known only when the step runs (decoding).
-  else:
-    # Known while tracing (training's arange): the tables become constants
-    # of the program. Computed in it, XLA fuses sin and cos into the
-    # rotation and evaluates them again for every head and batch row (on
-    # the CPU 2.4x the whole rotation's time in the benchmark GPT).
-    xp = np
+  xp = jnp if isinstance(positions, jax.core.Tracer) else np
   positions = xp.asarray(positions, xp.float32)
   if positions.ndim == 1:
     positions = positions[None]
   angles = positions[..., None] * xp.asarray(
       _inverse_timescales(head_dim // 2, max_timescale))
-  sin = xp.sin(angles)[:, :, None, :]  # [batch|1, length, 1, head_dim/2]
-  cos = xp.cos(angles)[:, :, None, :]
+  return xp.cos(angles)[:, :, None, :], xp.sin(angles)[:, :, None, :]
+
+
+def rotate(x, cos, sin):
+  """x [batch, length, heads, head_dim] with its halves rotated by the
+  angles of (cos, sin) [batch|1, length, 1, head_dim / 2]; x's dtype.
+  `rotate(x, cos, -sin)` undoes `rotate(x, cos, sin)` (and is its
+  transpose, the rotation being orthogonal)."""
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
                          axis=-1).astype(x.dtype)
