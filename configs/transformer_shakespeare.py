@@ -25,8 +25,8 @@ embeddings, the CPU's 'blocked' attention kernel): 2 layers of width 128, 4
 heads, feed-forward 512; 0.41M parameters, 128 characters of context. AdamW
 2e-3 with warmup and cosine decay, clipping at norm 1, 1,500 steps of 32 x
 128 characters. Measured on 2 CPU cores shared with other jobs, with the
-'einsum' kernel (before 'blocked', which computes the same attention 9%
-faster a step): validation loss 1.574 nats per character (2.27 bits) on the
+'einsum' kernel (before 'blocked', which computes the same attention as
+fast or faster): validation loss 1.574 nats per character (2.27 bits) on the
 held-out plays after 1,065 s (17.8 min) of training (`python -m
 benchmarks.finetune`, its pretraining stage). Larger
 models (e.g. `--config.model.d_model=256 --config.model.num_layers=4`) learn
@@ -55,9 +55,12 @@ def get_config(arg=None):
   c.model.tie_embeddings = True
   c.model.dropout_rate = 0.0
   # Exact attention in cache-sized pieces, skipping the keys the causal mask
-  # hides: 9% faster steps than 'einsum' on one CPU core (262 against 285
-  # ms). 'einsum' is the kernel that returns attention weights (for maps)
-  # and applies attention dropout; 'cudnn' or 'xla' on a GPU.
+  # hides: 9% faster steps than 'einsum' on one CPU core with its first form
+  # (262 against 285 ms). With today's (RoPE inside, written-out backward,
+  # tuned on the 256-token benchmark GPT) the two were within noise on a
+  # busy core: einsum 327-364 ms, blocked 301-375 ms a step. 'einsum' is
+  # the kernel that returns attention weights (for maps) and applies
+  # attention dropout; 'cudnn' or 'xla' on a GPU.
   c.model.attention_kernel = 'blocked'
 
   c.optimizer.name = 'adamw'
