@@ -447,16 +447,19 @@ def _blocked_attention(q, k, v, mask, *, is_causal, q_valid, kv_valid,
   mapped = {name: x for name, x in (('q_valid', q_valid),
                                     ('kv_valid', kv_valid)) if x is not None}
   whole = {}
+
+  def add_side(name, x):
+    """A mask or table over the batch is split with it; a broadcast one
+    ([1, ...]) is read whole by every block."""
+    (mapped if x.shape[0] == b and b > 1 else whole)[name] = x
+
   if mask is not None:
-    mask = _as_4d(jnp.asarray(mask, bool))
-    # A mask over the batch is split with it; a broadcast one is read whole.
-    (mapped if mask.shape[0] == b and b > 1 else whole)['mask'] = mask
+    add_side('mask', _as_4d(jnp.asarray(mask, bool)))
   if rope is not None:
     for name, positions in zip(('q', 'kv'), rope):
       for part, table in zip(('cos', 'sin'),
                              positional.rope_tables(positions, d)):
-        (mapped if table.shape[0] == b and b > 1 else whole)[
-            f'{name}_{part}'] = table
+        add_side(f'{name}_{part}', table)
   cfg = _Blocks(t, s, is_causal, block_queries, iterations,
                 strided=devices > 1 and iterations > 1)
   return _blocked(cfg, q, k, v, {'mapped': mapped, 'whole': whole})
