@@ -62,6 +62,13 @@ def _count(jaxpr) -> float:
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
       total += 2.0 * math.prod(out) * rhs[spec[1]] * math.prod(
           rhs[d] for d in spec[2:])
+    elif (name in ('jit', 'pjit')
+          and eqn.params.get('name') == 'conv_by_taps'):
+      # A convolution written as a sum over its taps (bigjax.models.cnn):
+      # each output element sums window x input channels products.
+      kernel = eqn.invars[1].aval.shape  # [*window, in, out]
+      total += 2.0 * math.prod(out) * math.prod(kernel[:-1])
+      continue
     inner = [_count(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if not inner:
       continue

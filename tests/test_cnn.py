@@ -4,11 +4,14 @@ import os
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.test_util import check_grads
 
+from bigjax import flops
 from bigjax import train
 from bigjax.models import cnn
 from bigjax.models import param_counts
@@ -55,13 +58,75 @@ def test_seed_cnn_matches_numpy_and_closed_form_count():
   assert counts['unique'] == counts['effective'] == closed_form == 421_642
 
 
-def test_max_pool_2x2_equals_flax_max_pool_with_gradient():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
+@pytest.mark.parametrize('shape', [(2, 6, 8, 3), (2, 7, 5, 3)])
+def test_max_pool_2x2_equals_flax_max_pool_with_gradient(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  # Ties: a constant region (an image's background) and a window whose
+  # maximum appears twice, not first.
+  x = x.at[0, :4, :4].set(0.5).at[1, 0, 1].set(9.0).at[1, 1, 0].set(9.0)
   np.testing.assert_array_equal(cnn.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
-  g_ours = jax.grad(lambda y: jnp.sum(cnn.max_pool_2x2(y) ** 2))(x)
-  g_flax = jax.grad(lambda y: jnp.sum(nn.max_pool(y, (2, 2), (2, 2)) ** 2))(x)
-  np.testing.assert_allclose(g_ours, g_flax, atol=1e-6)
+  g = jax.random.normal(jax.random.PRNGKey(1), cnn.max_pool_2x2(x).shape)
+  g_ours = jax.vjp(cnn.max_pool_2x2, x)[1](g)[0]
+  g_flax = jax.vjp(lambda y: nn.max_pool(y, (2, 2), (2, 2)), x)[1](g)[0]
+  np.testing.assert_array_equal(g_ours, g_flax)
+  # Each window's gradient goes to exactly one element, the first maximum.
+  assert g_ours[0, 0, 0, 0] == g[0, 0, 0, 0] and g_ours[0, 1, 1, 0] == 0
+  assert g_ours[1, 0, 1, 0] == g[1, 0, 0, 0] and g_ours[1, 1, 0, 0] == 0
+  # Under vmap (seeds), the same.
+  gv = jax.vmap(lambda a, b: jax.vjp(cnn.max_pool_2x2, a)[1](b)[0])(
+      x[:, None], g[:, None])
+  np.testing.assert_array_equal(gv[:, 0], g_ours)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 8, 3), (2, 7, 5, 3)])
+def test_avg_pool_2x2_equals_flax_avg_pool_with_gradient(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  np.testing.assert_allclose(cnn.avg_pool_2x2(x),
+                             nn.avg_pool(x, (2, 2), strides=(2, 2)),
+                             rtol=1e-6)
+  g = jax.random.normal(jax.random.PRNGKey(1), cnn.avg_pool_2x2(x).shape)
+  np.testing.assert_allclose(
+      jax.vjp(cnn.avg_pool_2x2, x)[1](g)[0],
+      jax.vjp(lambda y: nn.avg_pool(y, (2, 2), (2, 2)), x)[1](g)[0],
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,strides,padding,by_taps', [
+    ((2, 9, 7, 1), (3, 3, 1, 4), (1, 1), 'SAME', True),  # the first layer
+    ((2, 9, 7, 3), (3, 3, 3, 4), (2, 1), 'VALID', True),  # RGB, strided
+    ((2, 9, 7, 1), (5, 5, 1, 4), (2, 2), 'SAME', True),
+    ((2, 9, 7, 3), (3, 3, 3, 4), (1, 1), ((2, 0), (1, -1)), True),
+    ((2, 11, 3), (3, 3, 4), (1,), 'SAME', True),  # one spatial dimension
+    ((2, 9, 7, 8), (3, 3, 8, 4), (1, 1), 'SAME', False),  # 72 products
+])
+def test_seedwise_conv_equals_xla_conv(x_shape, kernel_shape, strides,
+                                       padding, by_taps):
+  """Values, gradients, FLOP count and vmap over kernels (seeds) equal
+  `lax.conv_general_dilated`'s, whichever forward runs."""
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernels = jax.random.normal(jax.random.PRNGKey(1), (3, *kernel_shape))
+  specs = ('NHWC', 'HWIO', 'NHWC') if len(x_shape) == 4 else ('NWC', 'WIO',
+                                                                'NWC')
+  numbers = lax.conv_dimension_numbers(x_shape, kernel_shape, specs)
+
+  def loss(conv_fn):
+    def fn(kernel, x):
+      y = conv_fn(x, kernel, strides, padding, dimension_numbers=numbers)
+      return jnp.sum(jnp.sin(y))
+    return fn
+
+  ours, xla = loss(cnn.seedwise_conv_general_dilated), loss(
+      lax.conv_general_dilated)
+  assert ('conv_by_taps' in str(jax.make_jaxpr(ours)(kernels[0], x))) == by_taps
+  assert flops.jaxpr_flops(ours, kernels[0], x) == flops.jaxpr_flops(
+      xla, kernels[0], x) > 0
+  for kernel in kernels[:1]:
+    np.testing.assert_allclose(ours(kernel, x), xla(kernel, x), rtol=1e-5)
+  grads = jax.vmap(jax.grad(ours, argnums=(0, 1)), in_axes=(0, None))
+  want = jax.vmap(jax.grad(xla, argnums=(0, 1)), in_axes=(0, None))
+  for got, expected in zip(grads(kernels, x), want(kernels, x)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cnn_gradients_are_correct():

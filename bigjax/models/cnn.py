@@ -1,6 +1,7 @@
 """Convolutional classifiers: parameters shared over space."""
 
 import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -8,27 +9,70 @@ import jax
 from jax import lax
 from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
+import numpy as np
 
 from bigjax.models import axes
 
 
-def max_pool_2x2(x):
-  """2x2 max-pooling with stride 2 over [batch, height, width, channels].
-
-  Written as a reshape and a max rather than `nn.max_pool`: on XLA:CPU the
-  gradient of `reduce_window` is slow and this made the whole CNN training
-  step 1.5-2x faster (see shared/PITFALLS.md). Odd sizes fall back to
-  `nn.max_pool`, which drops the last row/column just as this would.
-  """
+def _windows_2x2(x):
+  """[batch, H, W, C] -> [batch, H // 2, 2, W // 2, 2, C]: the 2x2 windows
+  of stride 2 (an odd last row or column is dropped, as VALID pooling does)."""
   b, h, w, c = x.shape
-  if h % 2 or w % 2:
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  x = x[:, :h - h % 2, :w - w % 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """2x2 max-pooling with stride 2: [batch, H, W, C] -> [batch, H // 2,
+  W // 2, C]; an odd last row or column is dropped, as `nn.max_pool` does.
+
+  Written as a reshape and a max rather than `nn.max_pool`, whose gradient
+  (`select_and_scatter_add`) is slow on XLA:CPU; that alone made the CNN's
+  training step 1.5-2x faster (shared/PITFALLS.md). Its gradient is written
+  out too: JAX's rule for `max` splits a window's gradient among tied
+  maxima, which costs a count (a reduction over the full-size input) and a
+  division; ours sends it to the first maximum in row-major order, as
+  `nn.max_pool` and PyTorch do. The benchmark CNN's step went 70 -> 59 ms
+  (one core, jaxlib 0.10.2). Ties are common: the zero background of an
+  image gives equal pre-activations in a whole window.
+  """
+  return _windows_2x2(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_forward(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_backward(residuals, g):
+  x, y = residuals
+  windows = _windows_2x2(x)
+  taken = jnp.zeros(y.shape, bool)  # Whether an earlier element was the max.
+  rows = []
+  for i in range(2):
+    row = []
+    for j in range(2):
+      first = (windows[:, :, i, :, j] == y) & ~taken
+      taken = taken | first
+      row.append(jnp.where(first, g, 0))
+    rows.append(jnp.stack(row, axis=3))
+  b, h, w, c = y.shape
+  dx = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c)
+  # Dropped odd rows and columns get no gradient.
+  return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - dx.shape[1]),
+                       (0, x.shape[2] - dx.shape[2]), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_forward, _max_pool_2x2_backward)
 
 
 def avg_pool_2x2(x):
-  """2x2 average-pooling with stride 2 over [batch, height, width, channels]."""
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  """2x2 average-pooling with stride 2 over [batch, height, width, channels];
+  an odd last row or column is dropped, as `nn.avg_pool` does. A reshape and
+  a mean, whose gradient is a broadcast (`nn.avg_pool`'s is a padded
+  reduce-window)."""
+  return _windows_2x2(x).mean(axis=(2, 4))
 
 
 POOLS = {'max': max_pool_2x2, 'avg': avg_pool_2x2}
@@ -61,12 +105,100 @@ def _conv_transposes(conv_fn, x, kernel, g):
   return dx, dkernel
 
 
+# Convolutions with at most this many products per output element (window
+# size x input channels) run forward as a sum of shifted inputs. XLA:CPU's
+# convolution is an im2col and a matmul, and with 9 products per output it
+# is all memory traffic: conv 3x3 1->32 on [128, 28, 28, 1] with bias and
+# ReLU took 6.7 ms, the sum 0.9 ms; 5x5 1->32 11.2 against 3.6 ms; 3x3 3->32
+# on 32x32 12.9 against 5.0 ms; but 3x3 8->32 9.6 against 18.8 ms (one core,
+# jaxlib 0.10.2).
+MAX_PRODUCTS_BY_TAPS = 32
+
+
+def _channels_last(static, lhs_ndim):
+  """Whether `lax.conv_general_dilated`'s static arguments describe a plain
+  channels-last convolution: [batch, *spatial, in] x [*window, in, out] ->
+  [batch, *spatial, out], no dilation, no groups, no preferred type."""
+  args = dict(static)
+  spatial = tuple(range(1, lhs_ndim - 1))
+  plain = lax.ConvDimensionNumbers(
+      lhs_spec=(0, lhs_ndim - 1, *spatial), out_spec=(0, lhs_ndim - 1, *spatial),
+      rhs_spec=(lhs_ndim - 1, lhs_ndim - 2, *range(lhs_ndim - 2)))
+  try:
+    numbers = lax.conv_dimension_numbers(
+        (1,) * lhs_ndim, (1,) * lhs_ndim, args.get('dimension_numbers'))
+  except (TypeError, ValueError):
+    return False
+  return (numbers == plain
+          and all(d == 1 for d in args.get('lhs_dilation') or ())
+          and all(d == 1 for d in args.get('rhs_dilation') or ())
+          and args.get('feature_group_count', 1) == 1
+          and args.get('batch_group_count', 1) == 1
+          and args.get('preferred_element_type') is None)
+
+
+@functools.partial(jax.jit, static_argnames=('window_strides', 'padding'))
+def conv_by_taps(x, kernel, window_strides, padding):
+  """A channels-last convolution as a sum over the window's taps and the
+  input channels of shifted, strided inputs times kernel rows: one fused
+  elementwise loop on XLA:CPU. Accumulates in float32 at least.
+
+  Args:
+    x: [batch, *spatial, in].
+    kernel: [*window, in, out].
+    window_strides: one stride per spatial dimension.
+    padding: per spatial dimension, (low, high).
+  Returns:
+    [batch, *out_spatial, out], of `x` and `kernel`'s result type.
+
+  A jitted function of this name, so that `bigjax.flops` counts its
+  products as a convolution's.
+  """
+  window = kernel.shape[:-2]
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)))
+  out_spatial = [(n - k) // s + 1 for n, k, s
+                 in zip(x.shape[1:-1], window, window_strides)]
+  dtype = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
+  total = jnp.zeros((x.shape[0], *out_spatial, kernel.shape[-1]), dtype)
+  for tap in np.ndindex(*window):
+    shifted = lax.slice(
+        x, (0, *tap, 0),
+        (x.shape[0], *(t + (n - 1) * s + 1 for t, n, s
+                       in zip(tap, out_spatial, window_strides)), x.shape[-1]),
+        (1, *window_strides, 1))
+    for c in range(x.shape[-1]):
+      total = total + (shifted[..., c:c + 1].astype(dtype)
+                       * kernel[tap + (c,)].astype(dtype))
+  return total.astype(jnp.result_type(x, kernel))
+
+
+def _forward_conv(static):
+  """The forward convolution for `static`: `conv_by_taps` when it is plain,
+  channels-last and has few products per output, else XLA's."""
+  conv_fn = functools.partial(lax.conv_general_dilated, **dict(static))
+  args = dict(static)
+
+  def forward(x, kernel):
+    if (not _channels_last(static, x.ndim)
+        or math.prod(kernel.shape[:-1]) > MAX_PRODUCTS_BY_TAPS):
+      return conv_fn(x, kernel)
+    padding = args['padding']
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:-2],
+                                    args['window_strides'], padding)
+    return conv_by_taps(x, kernel, tuple(args['window_strides']),
+                        tuple(map(tuple, padding)))
+  return forward
+
+
 @functools.cache
 def _conv_op(static):
   """The convolution for one set of static arguments, differentiable, with
-  the vmap rule of `_one_call_per_kernel` for its forward and backward."""
+  the vmap rule of `_one_call_per_kernel` for its forward and backward.
+  The backward transposes XLA's convolution whatever the forward ran."""
   conv_fn = functools.partial(lax.conv_general_dilated, **dict(static))
-  forward = _one_call_per_kernel(conv_fn)
+  forward = _one_call_per_kernel(_forward_conv(static))
   backward = _one_call_per_kernel(functools.partial(_conv_transposes, conv_fn))
 
   @jax.custom_vjp
