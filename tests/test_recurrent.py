@@ -252,6 +252,51 @@ def test_unroll_does_not_change_outputs():
   np.testing.assert_allclose(last4, last1, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('padded', [False, True])
+def test_fused_lstm_equals_autodiff_of_the_cell(reverse, padded):
+  """`Recurrence` runs an LSTMCell through fused_lstm's written-out backward:
+  outputs, final carry and every gradient (kernel, bias, inputs, starting
+  carry) equal autodiff of the cell stepped by `lax.scan`."""
+  cell = recurrent.LSTMCell(H)
+  xs = _normal(0, (B, T, D))
+  params = _random_params(recurrent.Recurrence(cell), xs)['cell']
+  start = (_normal(1, (B, H)), _normal(2, (B, H)))
+  lengths = jnp.array([7, 4, 0]) if padded else None
+  weights = _normal(3, (B, T, H))
+
+  def loss(run, params, xs, start):
+    (c, h), ys = run(params, xs, start)
+    return jnp.sum(jnp.sin(ys) * weights) + jnp.sum(c * h) + jnp.sum(c ** 2)
+
+  def ours(params, xs, start):
+    module = recurrent.Recurrence(cell, reverse=reverse)
+    return module.apply({'params': {'cell': params}}, xs, lengths=lengths,
+                        initial_carry=start)
+
+  def reference(params, xs, start):
+    valid = (jnp.ones((B, T), bool) if lengths is None
+             else jnp.arange(T)[None, :] < lengths[:, None])
+
+    def step(carry, inputs):
+      x, v = inputs
+      new, y = cell.apply({'params': params}, carry, x)
+      new = jax.tree.map(lambda a, b: jnp.where(v[:, None], a, b), new, carry)
+      return new, jnp.where(v[:, None], y, 0)
+    carry, ys = jax.lax.scan(step, start, (xs.swapaxes(0, 1), valid.T),
+                             reverse=reverse)
+    return carry, ys.swapaxes(0, 1)
+
+  assert 'lstm_over_time' in str(jax.make_jaxpr(ours)(params, xs, start))
+  _assert_trees_close(jax.jit(ours)(params, xs, start),
+                      jax.jit(reference)(params, xs, start), atol=1e-6)
+  grad = lambda run: jax.jit(jax.grad(functools.partial(loss, run),
+                                      argnums=(0, 1, 2)))
+  got, want = grad(ours)(params, xs, start), grad(reference)(params, xs, start)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5,
+                                                       rtol=1e-5), got, want)
+
+
 @pytest.mark.parametrize('make_cell', [recurrent.LSTMCell, recurrent.GRUCell])
 def test_gradients_match_finite_differences(make_cell):
   with jax.enable_x64(True):
