@@ -109,9 +109,16 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
   (dc_last, dh_last), dys = cotangents
   hidden = c0.shape[-1]
   c_prev = _previous(cs, c0, reverse)
-  # d[h, x] = dz kernel^T needs only the h rows inside the loop; the inputs'
-  # share is one matmul after it. Transposed once, outside the loop.
-  kernel_h_t = kernel[:hidden].T
+  # d[h, x] = dz kernel^T, transposed once, outside the loop. Inside it only
+  # d(h) is needed (the inputs' share is one matmul after it), so on one
+  # device the loop multiplies by the h rows alone (7% of the benchmark
+  # LSTM's step). On a mesh it multiplies by the whole kernel and slices
+  # the product: XLA's SPMD partitioner (jaxlib 0.10.2) miscompiles a loop
+  # body that reads a slice of a kernel split over its rows (gradients 40%
+  # off with the kernel over fsdp=2 and tensor=2; tests/test_sharding.py).
+  kernel_t = kernel.T
+  whole = jax.device_count() > 1
+  kernel_h_t = kernel_t if whole else kernel_t[:, :hidden]
 
   def step(carry, inputs):
     dc, dh = carry
@@ -131,7 +138,7 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
         dc_new * i * (1 - g * g),
         dh_new * tanh_c * o * (1 - o)], -1)
     dc_old = dc_new * f
-    dh_old = lax.dot(dz, kernel_h_t)
+    dh_old = lax.dot(dz, kernel_h_t)[:, :hidden]
     if v is not None:
       dc_old = jnp.where(keep, dc_old, dc)
       dh_old = jnp.where(keep, dh_old, dh)
@@ -147,7 +154,7 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
   ones = jnp.ones((*xs.shape[:-1], 1), xs.dtype)
   inputs = jnp.concatenate([h_prev, xs, ones], -1)  # [time, batch, h + x + 1]
   dparams = lax.dot_general(flat(inputs), flat(dzs), (((0,), (0,)), ((), ())))
-  dxs = lax.dot(flat(dzs), kernel[hidden:].T)
+  dxs = lax.dot(flat(dzs), kernel_t[:, hidden:])
   return (dparams[:-1].astype(kernel.dtype), dparams[-1].astype(kernel.dtype),
           dxs.reshape(xs.shape).astype(xs.dtype), dc0, dh0, None)
 
