@@ -12,8 +12,10 @@ e.g. `--config.model.hidden_size=256 --config.num_epochs=5`.
 The GRU counterpart of configs/lstm_fashion_mnist.py with the same recipe
 and length (one layer of 128 units, Adam 2e-3 with warmup and cosine,
 clipping at norm 1, 20 epochs), so the two cells compare on equal terms.
-Its step is ~1.5x faster than the LSTM's (3 gates to the LSTM's 4, and no
-cell state): ~2,000-2,300 examples/s in the train loop here, ~7-9 minutes.
+Its training step is ~1.15x faster than the LSTM's (3 gates to the LSTM's
+4 and no cell state, but autodiff's backward where the LSTM's is written
+out, bigjax/models/fused_lstm.py): ~2,000-2,300 examples/s in the train
+loop here, ~7-9 minutes.
 """
 
 from configs import base
