@@ -263,15 +263,19 @@ def _token_major(x):
   return x.transpose(0, 3, 1, 2, 4).reshape(e, t, kv_heads * g, d)
 
 
-def _piece_logits(cfg, side, qs, kt, start, stop, end):
+def _block_mask(cfg, side):
+  """This block's dense mask [e|1, heads|1, t|1, s|1] from `side`, or None."""
+  return _dense_mask(side.get('mask'), cfg.is_causal, side.get('q_valid'),
+                     side.get('kv_valid'), cfg.q_len, cfg.kv_len)
+
+
+def _piece_logits(dense, qs, kt, start, stop, end):
   """Scaled logits of one piece, float32, masked to _MASKED.
 
   qs [e, K, g, tq, d] (already scaled), kt [e, K, d, end] -> [e, K, g, tq,
-  end]. `side` (this block's) is turned into the dense mask and sliced.
+  end]. `dense` (the block's `_block_mask`) is sliced to the piece.
   """
   logits = jnp.einsum('bkgtd,bkds->bkgts', qs, kt).astype(_stat_dtype(qs))
-  dense = _dense_mask(side.get('mask'), cfg.is_causal, side.get('q_valid'),
-                      side.get('kv_valid'), cfg.q_len, cfg.kv_len)
   if dense is None:
     return logits
   mask = dense[:, :, slice(start, stop) if dense.shape[2] > 1 else slice(None),
@@ -300,6 +304,7 @@ def _block_forward(cfg, side, q, k, v):
   q, k = _rotated(side, q, k)
   qh = _head_major(q, kv_heads) * jnp.asarray(d ** -0.5, q.dtype)
   kt, vh = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+  dense = _block_mask(cfg, side)
   outs, lses = [], []
   for start, stop, end in cfg.pieces():
     if end == 0:
@@ -307,8 +312,8 @@ def _block_forward(cfg, side, q, k, v):
       lses.append(jnp.full(qh.shape[:3] + (stop - start,), -_MASKED,
                            _stat_dtype(q)))
       continue
-    logits = _piece_logits(cfg, side, qh[:, :, :, start:stop],
-                           kt[..., :end], start, stop, end)
+    logits = _piece_logits(dense, qh[:, :, :, start:stop], kt[..., :end],
+                           start, stop, end)
     top = logits.max(-1, keepdims=True)
     p = jnp.exp(logits - top)
     total = p.sum(-1, keepdims=True)
@@ -332,13 +337,14 @@ def _block_backward(cfg, side, q, k, v, out, lse, d_out):
   qh, d_outh = _head_major(q, kv_heads) * scale, _head_major(d_out, kv_heads)
   kh, kt, vt = (k.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1),
                 v.transpose(0, 2, 3, 1))
+  dense = _block_mask(cfg, side)
   dqs, dks, dvs = [], [], []
   for start, stop, end in cfg.pieces():
     if end == 0:
       dqs.append(jnp.zeros_like(qh[:, :, :, start:stop]))
       continue
     qs, d_outs = qh[:, :, :, start:stop], d_outh[:, :, :, start:stop]
-    logits = _piece_logits(cfg, side, qs, kt[..., :end], start, stop, end)
+    logits = _piece_logits(dense, qs, kt[..., :end], start, stop, end)
     p = jnp.exp(logits - lse[..., start:stop, None])
     dp = jnp.einsum('bkgtd,bkds->bkgts', d_outs, vt[..., :end]).astype(stat)
     ds = (p * (dp - delta[..., start:stop, None])).astype(q.dtype)
