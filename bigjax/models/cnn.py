@@ -115,11 +115,11 @@ def _conv_transposes(conv_fn, x, kernel, g):
 MAX_PRODUCTS_BY_TAPS = 32
 
 
-def _channels_last(static, lhs_ndim):
-  """Whether `lax.conv_general_dilated`'s static arguments describe a plain
-  channels-last convolution: [batch, *spatial, in] x [*window, in, out] ->
-  [batch, *spatial, out], no dilation, no groups, no preferred type."""
-  args = dict(static)
+def _channels_last(args, lhs_ndim):
+  """Whether `lax.conv_general_dilated`'s static arguments (a dict) describe
+  a plain channels-last convolution: [batch, *spatial, in] x [*window, in,
+  out] -> [batch, *spatial, out], no dilation, no groups, no preferred
+  type."""
   spatial = tuple(range(1, lhs_ndim - 1))
   plain = lax.ConvDimensionNumbers(
       lhs_spec=(0, lhs_ndim - 1, *spatial), out_spec=(0, lhs_ndim - 1, *spatial),
@@ -173,14 +173,13 @@ def conv_by_taps(x, kernel, window_strides, padding):
   return total.astype(jnp.result_type(x, kernel))
 
 
-def _forward_conv(static):
+def _forward_conv(static, conv_fn):
   """The forward convolution for `static`: `conv_by_taps` when it is plain,
-  channels-last and has few products per output, else XLA's."""
-  conv_fn = functools.partial(lax.conv_general_dilated, **dict(static))
+  channels-last and has few products per output, else `conv_fn` (XLA's)."""
   args = dict(static)
 
   def forward(x, kernel):
-    if (not _channels_last(static, x.ndim)
+    if (not _channels_last(args, x.ndim)
         or math.prod(kernel.shape[:-1]) > MAX_PRODUCTS_BY_TAPS):
       return conv_fn(x, kernel)
     padding = args['padding']
@@ -198,7 +197,7 @@ def _conv_op(static):
   the vmap rule of `_one_call_per_kernel` for its forward and backward.
   The backward transposes XLA's convolution whatever the forward ran."""
   conv_fn = functools.partial(lax.conv_general_dilated, **dict(static))
-  forward = _one_call_per_kernel(_forward_conv(static))
+  forward = _one_call_per_kernel(_forward_conv(static, conv_fn))
   backward = _one_call_per_kernel(functools.partial(_conv_transposes, conv_fn))
 
   @jax.custom_vjp
