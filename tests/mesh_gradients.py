@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigjax.models import attention
 from bigjax.models import fused_lstm
+from bigjax.models import layer_norm
 
 MESHES = ((2, 2, 2), (1, 8, 1), (2, 1, 4), (8, 1, 1))
 # (time, batch, input, hidden): the benchmark's shapes scaled down, and
@@ -102,12 +103,39 @@ def attention_case(mesh_shape, kernel):
                    / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
 
 
+def layer_norm_case(mesh_shape):
+  """The same for the LayerNorm: x [batch 8, 12 tokens, 16] over the batch
+  axes, scale and bias ('embed') over fsdp, as the presets lay them out."""
+  rng = np.random.default_rng(2)
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  x, weights = normal(8, 12, 16) * 2.0 + 1.0, normal(8, 12, 16)
+  scale, bias = normal(16), normal(16)
+
+  def loss(x, scale, bias):
+    return jnp.sum(jnp.sin(layer_norm.layer_norm(x, scale, bias, 1e-6))
+                   * weights)
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  want = jax.jit(grad)(x, scale, bias)
+  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shardings = (_spec(mesh, x.shape, (('data', 'fsdp'), None, None)),
+               _spec(mesh, scale.shape, ('fsdp',)),
+               _spec(mesh, bias.shape, ('fsdp',)))
+  placed = [jax.device_put(a, s) for a, s in zip((x, scale, bias), shardings)]
+  got = jax.jit(grad, in_shardings=shardings)(*placed)
+  return max(float(np.abs(np.asarray(g) - np.asarray(w)).max()
+                   / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
+
+
 def main():
   assert jax.device_count() == 8, 'run with 8 (simulated) devices'
   cases = [(f'fused_lstm mesh {m} shape {s}', functools.partial(lstm_case, m, s))
            for m, s in itertools.product(MESHES, SHAPES)]
   cases += [(f'{k} attention mesh {m}', functools.partial(attention_case, m, k))
             for m, k in itertools.product(MESHES, ('blocked', 'chunked'))]
+  cases += [(f'layer_norm mesh {m}', functools.partial(layer_norm_case, m))
+            for m in MESHES]
   failed = False
   for name, case in cases:
     error = case()

@@ -240,14 +240,14 @@ def eight_devices(fake_data_dir, tmp_path_factory):
 
 
 def test_written_out_backward_passes_partition_correctly():
-  """The custom VJPs (fused LSTM, blocked and chunked attention) on 4 meshes
-  of 8 devices: their gradients equal one device's (tests/mesh_gradients.py).
+  """The custom VJPs (fused LSTM, blocked and chunked attention, LayerNorm)
+  on 4 meshes of 8 devices: their gradients equal one device's (tests/mesh_gradients.py).
   The LSTM's first form failed this (40% off); the training test below saw
   only a 4e-5 difference in the loss."""
   proc = _run(['tests.mesh_gradients'], devices=8)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
-  assert out.count('max relative difference') == 20, out[-3000:]
+  assert out.count('max relative difference') == 24, out[-3000:]
 
 
 @pytest.mark.parametrize('name', MODELS)

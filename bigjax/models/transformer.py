@@ -37,6 +37,7 @@ from flax.core import meta
 from bigjax.models import attention
 from bigjax.models import axes
 from bigjax.models import dense
+from bigjax.models import layer_norm
 from bigjax.models import param_counts
 from bigjax.models import positional as positional_lib
 
@@ -57,10 +58,7 @@ _LAYERS_AXIS = {nn.PARTITION_NAME: 'layers'}
 
 
 def _layer_norm(name):
-  return nn.LayerNorm(
-      name=name,
-      scale_init=axes.logical(nn.initializers.ones_init(), ('embed',)),
-      bias_init=axes.logical(nn.initializers.zeros_init(), ('embed',)))
+  return layer_norm.LayerNorm(name=name)
 
 
 class MLP(nn.Module):
