@@ -34,6 +34,7 @@ from jax import lax
 import jax.numpy as jnp
 from flax.core import meta
 
+from bigjax.models import activations
 from bigjax.models import attention
 from bigjax.models import axes
 from bigjax.models import dense
@@ -78,7 +79,7 @@ class MLP(nn.Module):
                  kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                       ('embed', 'mlp')),
                  bias_init=axes.logical(nn.initializers.zeros_init(), ('mlp',)))(x)
-    h = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(h))
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(activations.gelu(h))
     return nn.Dense(x.shape[-1], name='wo', dot_general=dense.dot_general,
                     kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                          ('mlp', 'embed')),

@@ -1,4 +1,5 @@
-"""bigjax's LayerNorm against flax's: parameters, values, gradients, dtypes."""
+"""bigjax's LayerNorm and GELU against flax's and JAX's: parameters, values,
+gradients, dtypes."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from flax.core import meta
 
+from bigjax.models import activations
 from bigjax.models import axes
 from bigjax.models import layer_norm
 
@@ -95,3 +97,22 @@ def test_vmapped_over_seeds():
     alone = jax.jit(grads)(jax.tree.map(lambda a: a[i], params), xs[i])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a[i], b, rtol=1e-6, atol=1e-6), together, alone)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gelu_equals_jax_gelu(dtype):
+  """activations.gelu: jax.nn.gelu's values exactly, and its gradient (the
+  derivative formed in float32, so bfloat16 agrees to bfloat16's rounding)."""
+  x = jnp.asarray(np.linspace(-8.0, 8.0, 1001), dtype)
+  dy = jnp.asarray(np.cos(np.arange(1001.0)), dtype)
+  np.testing.assert_array_equal(np.asarray(activations.gelu(x), np.float32),
+                                np.asarray(jax.nn.gelu(x), np.float32))
+  grad = lambda f, x, dy: jax.jit(jax.vjp(f, x)[1])(dy)[0]
+  got, want = grad(activations.gelu, x, dy), grad(jax.nn.gelu, x, dy)
+  assert got.dtype == want.dtype == dtype
+  # Against float32 autodiff at the same points: to float32's rounding for
+  # float32, to bfloat16's (8 bits) for bfloat16.
+  reference = grad(jax.nn.gelu, x.astype(jnp.float32), dy.astype(jnp.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), reference,
+                             atol=tol, rtol=tol)
