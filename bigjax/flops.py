@@ -69,6 +69,11 @@ def _count(jaxpr) -> float:
       kernel = eqn.invars[1].aval.shape  # [*window, in, out]
       total += 2.0 * math.prod(out) * math.prod(kernel[:-1])
       continue
+    elif (name in ('jit', 'pjit')
+          and eqn.params.get('name') == 'weighted_row_sum'):
+      # A normalisation's row sum written as a product with a vector
+      # (bigjax.models.layer_norm): not model FLOPs.
+      continue
     inner = [_count(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if not inner:
       continue

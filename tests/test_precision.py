@@ -57,15 +57,15 @@ def _matmul_operand_dtypes(jaxpr) -> set:
   """{(primitive, operand dtypes)} of every matmul and convolution in
   `jaxpr`, sub-jaxprs (scan, remat, custom VJPs, pjit) included.
 
-  Products with a vector are left out: they are weighted row sums, not
-  matmuls (the LayerNorm's backward forms two as products with its scale,
-  bigjax/models/layer_norm.py, and keeps them in float32 as it does its
-  mean and variance).
+  The LayerNorm's `weighted_row_sum`s are left out: row sums written as
+  products with its scale (bigjax/models/layer_norm.py), kept in float32 as
+  its mean and variance are.
   """
   found = set()
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _MATMULS and min(
-        v.aval.ndim for v in eqn.invars) > 1:
+    if eqn.params.get('name') == 'weighted_row_sum':
+      continue
+    if eqn.primitive.name in _MATMULS:
       found.add((eqn.primitive.name,
                  tuple(str(v.aval.dtype) for v in eqn.invars)))
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
