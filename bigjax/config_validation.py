@@ -17,6 +17,8 @@ from bigjax import sharding
 from bigjax import tasks
 from bigjax.errors import UserError
 from bigjax.models import MODELS
+from bigjax.models import attention
+from bigjax.models import transformer
 
 
 def _suggest(value, allowed) -> str:
@@ -88,6 +90,13 @@ def validate(config) -> None:
   if 'dropout_rate' in config.model:
     check_range('model.dropout_rate', config.model.dropout_rate,
                 low=0.0, high=1.0, high_open=True)
+  if 'attention_kernel' in config.model:
+    check_choice('model.attention_kernel', config.model.attention_kernel,
+                 attention.KERNELS)
+  if 'remat' in config.model:
+    check_choice('model.remat', config.model.remat, transformer.REMAT)
+  if 'scan_unroll' in config.model:
+    check_range('model.scan_unroll', config.model.scan_unroll, low=1)
   if (config.model.get('attention_kernel') == 'cudnn'
       and jax.default_backend() != 'gpu'):
     raise UserError(
@@ -153,11 +162,14 @@ def validate(config) -> None:
 
 
 
-# Keys a resumed run may change freely: where arrays live, how often things
-# are logged, evaluated or saved, and what is drawn. Everything else changes
-# what is computed (model, data, loss, optimiser and schedule, seed, steps).
+# Keys a resumed run may change freely: where arrays live, what a layer
+# keeps for its backward pass and how the depth loop is unrolled (the same
+# values up to rounding), how often things are logged, evaluated or saved,
+# and what is drawn. Everything else changes what is computed (model, data,
+# loss, optimiser and schedule, seed, steps).
 _LAYOUT_AND_OUTPUT_KEYS = (
-    'mesh.', 'sharding_preset', 'sharding_rules', 'eval_every_steps',
+    'mesh.', 'sharding_preset', 'sharding_rules', 'model.remat',
+    'model.scan_unroll', 'eval_every_steps',
     'log_every_steps', 'checkpoint.', 'write_plots', 'progress_bar',
     'eval_batch_size', 'data.tfds_data_dir', 'data.prefetch_',
     'nonfinite.max_consecutive', 'samples.')

@@ -50,6 +50,13 @@ def get_config(arg='addition'):
   c.model.num_heads = 4
   c.model.mlp_dim = 512
   c.model.dropout_rate = 0.0
+  # Speed and memory only (values equal up to rounding, so a resumed run may
+  # change them): what each layer keeps for the backward pass ('none':
+  # everything; 'full': its input, recomputing the rest; 'save_dots': the
+  # matmuls' outputs), and layers per iteration of the scan over depth
+  # (num_layers unrolls it whole: faster steps on the CPU, longer compiles).
+  c.model.remat = 'none'
+  c.model.scan_unroll = 1
 
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3

@@ -62,6 +62,13 @@ def get_config(arg=None):
   # the kernel that returns attention weights (for maps) and applies
   # attention dropout; 'cudnn' or 'xla' on a GPU.
   c.model.attention_kernel = 'blocked'
+  # Speed and memory only (values equal up to rounding, so a resumed run may
+  # change them): what each layer keeps for the backward pass ('none':
+  # everything; 'full': its input, recomputing the rest; 'save_dots': the
+  # matmuls' outputs), and layers per iteration of the scan over depth
+  # (num_layers unrolls it whole: faster steps on the CPU, longer compiles).
+  c.model.remat = 'none'
+  c.model.scan_unroll = 1
 
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 2e-3

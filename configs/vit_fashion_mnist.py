@@ -43,6 +43,13 @@ def get_config(arg=None):
   c.model.positional = 'learned'
   c.model.cross_layer_sharing = 'none'
   c.model.attention_kernel = 'einsum'
+  # Speed and memory only (values equal up to rounding, so a resumed run may
+  # change them): what each layer keeps for the backward pass ('none':
+  # everything; 'full': its input, recomputing the rest; 'save_dots': the
+  # matmuls' outputs), and layers per iteration of the scan over depth
+  # (num_layers unrolls it whole: faster steps on the CPU, longer compiles).
+  c.model.remat = 'none'
+  c.model.scan_unroll = 1
 
   # Plain Adam: 12 epochs of this small ViT do not overfit (train and test
   # accuracy stay close); AdamW is --config.optimizer.name=adamw.

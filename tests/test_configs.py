@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import json
 import os
 
 import jax
@@ -58,9 +59,15 @@ def test_config_declares_no_key_beyond_base(name):
     ('num_epochs', 0.0, 'set one of them > 0'),
     ('model.name', 'resnt', "config.model.name='resnt' is not one of"),
     ('data.std', (0.0,), 'config.data.std=0.0 is out of range'),
+    ('model.remat', 'ful', "config.model.remat='ful' is not one of"),
+    ('model.scan_unroll', 0, 'config.model.scan_unroll=0 is out of range'),
+    ('model.attention_kernel', 'flash',
+     "config.model.attention_kernel='flash' is not one of"),
 ])
 def test_invalid_values_are_rejected(key, value, message):
-  config = importlib.import_module('configs.cnn_fashion_mnist').get_config()
+  name = ('transformer_shakespeare' if key.startswith(
+      ('model.remat', 'model.scan', 'model.attention')) else 'cnn_fashion_mnist')
+  config = importlib.import_module(f'configs.{name}').get_config()
   if key == 'num_epochs':
     config.num_train_steps = -1
   *parents, leaf = key.split('.')
@@ -90,3 +97,19 @@ def test_unknown_model_argument_is_named():
     config.model.num_layers = 3
   with pytest.raises(UserError, match='config.model.num_layers is not an argument'):
     config_validation.validate(config)
+
+
+def test_speed_keys_may_change_on_resume():
+  """remat and scan_unroll change speed and memory, not values: a resumed
+  run may change them; the attention kernel (rounding, weights, dropout)
+  may not be switched silently."""
+  config = importlib.import_module('configs.transformer_shakespeare').get_config()
+  saved = json.loads(config.to_json_best_effort())
+  config.model.remat = 'full'
+  config.model.scan_unroll = 2
+  assert config_validation.computation_changes(
+      saved, json.loads(config.to_json_best_effort())) == []
+  config.model.attention_kernel = 'einsum'
+  assert config_validation.computation_changes(
+      saved, json.loads(config.to_json_best_effort())) == [
+          "model.attention_kernel: 'blocked' -> 'einsum'"]
