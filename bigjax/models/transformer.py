@@ -79,7 +79,8 @@ class MLP(nn.Module):
                  kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                       ('embed', 'mlp')),
                  bias_init=axes.logical(nn.initializers.zeros_init(), ('mlp',)))(x)
-    h = nn.Dropout(self.dropout_rate, deterministic=not train)(activations.gelu(h))
+    h = nn.Dropout(self.dropout_rate,
+                   deterministic=not train)(activations.gelu(h))
     return nn.Dense(x.shape[-1], name='wo', dot_general=dense.dot_general,
                     kernel_init=axes.logical(nn.initializers.xavier_uniform(),
                                          ('mlp', 'embed')),
