@@ -53,6 +53,11 @@ def weighted_row_sum(a, v):
                          precision=lax.Precision.HIGHEST)
 
 
+def _weighted_row_mean(a, v):
+  """a [..., F], v [F] -> [..., 1]: mean_f(a_f v_f), by `weighted_row_sum`."""
+  return weighted_row_sum(a, v)[..., None] / a.shape[-1]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, epsilon):
   """x [..., F], scale [F], bias [F] -> [..., F] (see the module doc)."""
@@ -61,11 +66,9 @@ def layer_norm(x, scale, bias, epsilon):
 
 def _forward(x, scale, bias, epsilon):
   xf = x.astype(_stat_dtype(x))
-  n = x.shape[-1]
-  ones = jnp.ones((n,), xf.dtype)
-  mean = weighted_row_sum(xf, ones)[..., None] / n
-  var = jnp.maximum(
-      0.0, weighted_row_sum(xf * xf, ones)[..., None] / n - mean * mean)
+  ones = jnp.ones(x.shape[-1:], xf.dtype)
+  mean = _weighted_row_mean(xf, ones)
+  var = jnp.maximum(0.0, _weighted_row_mean(xf * xf, ones) - mean * mean)
   rstd = lax.rsqrt(var + epsilon)
   y = (xf - mean) * (rstd * scale) + bias
   return (y.astype(jnp.result_type(x, scale, bias)),
@@ -80,9 +83,8 @@ def _backward(epsilon, residuals, dy):
   dyf = dy.astype(stat)
   dy_xhat = dyf * xhat
   rows = tuple(range(x.ndim - 1))
-  n = x.shape[-1]
-  g_mean = weighted_row_sum(dyf, scale)[..., None] / n  # mean_f(g)
-  g_xhat_mean = weighted_row_sum(dy_xhat, scale)[..., None] / n
+  g_mean = _weighted_row_mean(dyf, scale)            # mean_f(g)
+  g_xhat_mean = _weighted_row_mean(dy_xhat, scale)   # mean_f(g xhat)
   dx = rstd * (dyf * scale.astype(stat) - g_mean - xhat * g_xhat_mean)
   return (dx.astype(x.dtype), dy_xhat.sum(rows).astype(scale.dtype),
           dyf.sum(rows).astype(scale.dtype))
