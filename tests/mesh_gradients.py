@@ -42,6 +42,21 @@ def _spec(mesh, shape, names):
   return NamedSharding(mesh, P(*out))
 
 
+def _mesh(mesh_shape):
+  return jax.make_mesh(mesh_shape, ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _max_difference(grad, args, shardings):
+  """Max relative difference of `grad(*args)` with `args` placed on
+  `shardings` against the same on one device, over all its outputs."""
+  want = jax.jit(grad)(*args)
+  placed = [jax.device_put(a, s) for a, s in zip(args, shardings)]
+  got = jax.jit(grad, in_shardings=shardings)(*placed)
+  return max(float(np.abs(np.asarray(g) - np.asarray(w)).max()
+                   / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
+
+
 def lstm_case(mesh_shape, shape):
   """Max relative difference of the fused LSTM's gradients (kernel, bias,
   inputs, starting carry; reversed, padded) on `mesh_shape` vs one device."""
@@ -57,11 +72,7 @@ def lstm_case(mesh_shape, shape):
                                                 c0 * 0.5, valid, True)
     return jnp.sum(ys * weights) + jnp.sum(h_last * c)
 
-  args = (kernel, bias, xs, c0)
-  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-  want = jax.jit(grad)(*args)
-  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = _mesh(mesh_shape)
   # As the 'fsdp_tensor' preset lays them out: kernel (rnn_in, rnn_gates) ->
   # (fsdp, tensor), bias -> tensor, the batch over data and fsdp.
   batch = ('data', 'fsdp')
@@ -69,10 +80,8 @@ def lstm_case(mesh_shape, shape):
                _spec(mesh, bias.shape, ('tensor',)),
                _spec(mesh, xs.shape, (None, batch, None)),
                _spec(mesh, c0.shape, (batch, None)))
-  placed = [jax.device_put(a, s) for a, s in zip(args, shardings)]
-  got = jax.jit(grad, in_shardings=shardings)(*placed)
-  return max(float(np.abs(np.asarray(g) - np.asarray(w)).max()
-                   / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
+  return _max_difference(jax.grad(loss, argnums=(0, 1, 2, 3)),
+                         (kernel, bias, xs, c0), shardings)
 
 
 def attention_case(mesh_shape, kernel):
@@ -92,15 +101,10 @@ def attention_case(mesh_shape, kernel):
         rope=(positions, positions))
     return jnp.sum(jnp.sin(out) * weights)
 
-  grad = jax.grad(loss, argnums=(0, 1, 2))
-  want = jax.jit(grad)(q, k, v)
-  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  sharding = _spec(mesh, q.shape, (('data', 'fsdp'), None, 'tensor', None))
-  placed = [jax.device_put(a, sharding) for a in (q, k, v)]
-  got = jax.jit(grad, in_shardings=(sharding,) * 3)(*placed)
-  return max(float(np.abs(np.asarray(g) - np.asarray(w)).max()
-                   / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
+  sharding = _spec(_mesh(mesh_shape), q.shape,
+                   (('data', 'fsdp'), None, 'tensor', None))
+  return _max_difference(jax.grad(loss, argnums=(0, 1, 2)), (q, k, v),
+                         (sharding,) * 3)
 
 
 def layer_norm_case(mesh_shape):
@@ -115,17 +119,12 @@ def layer_norm_case(mesh_shape):
     return jnp.sum(jnp.sin(layer_norm.layer_norm(x, scale, bias, 1e-6))
                    * weights)
 
-  grad = jax.grad(loss, argnums=(0, 1, 2))
-  want = jax.jit(grad)(x, scale, bias)
-  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = _mesh(mesh_shape)
   shardings = (_spec(mesh, x.shape, (('data', 'fsdp'), None, None)),
                _spec(mesh, scale.shape, ('fsdp',)),
                _spec(mesh, bias.shape, ('fsdp',)))
-  placed = [jax.device_put(a, s) for a, s in zip((x, scale, bias), shardings)]
-  got = jax.jit(grad, in_shardings=shardings)(*placed)
-  return max(float(np.abs(np.asarray(g) - np.asarray(w)).max()
-                   / np.abs(np.asarray(w)).max()) for g, w in zip(got, want))
+  return _max_difference(jax.grad(loss, argnums=(0, 1, 2)),
+                         (x, scale, bias), shardings)
 
 
 def main():

@@ -57,9 +57,9 @@ def _matmul_operand_dtypes(jaxpr) -> set:
   """{(primitive, operand dtypes)} of every matmul and convolution in
   `jaxpr`, sub-jaxprs (scan, remat, custom VJPs, pjit) included.
 
-  The LayerNorm's `weighted_row_sum`s are left out: row sums written as
-  products with its scale (bigjax/models/layer_norm.py), kept in float32 as
-  its mean and variance are.
+  The LayerNorm's `weighted_row_sum`s are left out: its statistics and
+  scale-weighted row sums, written as products with a vector
+  (bigjax/models/layer_norm.py), kept in float32 as flax keeps them.
   """
   found = set()
   for eqn in jaxpr.eqns:

@@ -241,7 +241,8 @@ def eight_devices(fake_data_dir, tmp_path_factory):
 
 def test_written_out_backward_passes_partition_correctly():
   """The custom VJPs (fused LSTM, blocked and chunked attention, LayerNorm)
-  on 4 meshes of 8 devices: their gradients equal one device's (tests/mesh_gradients.py).
+  on 4 meshes of 8 devices: their gradients equal one device's
+  (tests/mesh_gradients.py).
   The LSTM's first form failed this (40% off); the training test below saw
   only a 4e-5 difference in the loss."""
   proc = _run(['tests.mesh_gradients'], devices=8)
