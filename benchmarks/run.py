@@ -459,6 +459,8 @@ def main(argv):
   suite = _SUITE.value
   if _THREADS.value:  # Before the backend starts: XLA sizes its pool then.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_THREADS.value])
+    # bigjax's XLA:CPU flags depend on the thread count (bigjax.platform).
+    platform.set_cpu_xla_flags()
   threads = len(os.sched_getaffinity(0))
   platform_name = jax.devices()[0].platform
   if (suite == 'gpu') != (platform_name == 'gpu'):

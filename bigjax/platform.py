@@ -12,17 +12,44 @@ import os
 import sys
 
 # XLA:CPU routes dots, convolutions and reductions to YNNPACK by default.
-# Turning the dot and convolution fusions off made the CNN training step
-# 30-50% faster and the GPT step 7-13% faster on the 2-core CI machine
-# (shared/PITFALLS.md). YNNPACK's reductions stay on: without them XLA turns
-# the bias gradients' sums into strided reduce-windows (60 ms each for a
-# [32, 256, 1024] gradient), and the benchmark GPT's step took 12% longer
-# (2.47 against 2.17 s, one core, jaxlib 0.10.2). Re-measure after any
-# jaxlib upgrade with `python -m benchmarks.run`.
-CPU_XLA_FLAGS = (
-    '--xla_cpu_experimental_ynn_fusion_type='
-    '-individual_dot,-individual_convolution',
-)
+# Convolutions stay off YNNPACK: the CNN's training step was 30-50% faster
+# without it (shared/PITFALLS.md). Dots depend on the threads XLA runs on
+# (its pool has one per core the process may use):
+# - one core: XLA's own (Eigen) matmuls. With YNNPACK's the benchmark GPT's
+#   step was 0-5% slower, the LSTM's 7% (jaxlib 0.10.2; sessions before
+#   found 7-13% for the GPT);
+# - two or more: YNNPACK's. Eigen splits every matmul over the pool and
+#   waits for it, which costs more than it gains on the attention's and the
+#   LSTM's small matmuls (8 x [128, 64] . [64, 256]: 123 -> 92 GFLOP/s from
+#   one to two threads). Same models, both cores, YNNPACK's against Eigen's
+#   (`benchmarks.run --threads=2 --jax_variant=...`): GPT 1.21x, LSTM 1.11x,
+#   CNN 1.07x, ViT 1.88x faster.
+# YNNPACK's reductions stay on: without them XLA turns the bias gradients'
+# sums into strided reduce-windows (60 ms each for a [32, 256, 1024]
+# gradient), and the benchmark GPT's step took 12% longer (2.47 against
+# 2.17 s, one core, jaxlib 0.10.2). Re-measure after any jaxlib upgrade
+# with `python -m benchmarks.run` at --threads=1 and --threads=2.
+_YNN_FUSION_TYPES = {1: '-individual_dot,-individual_convolution',
+                     2: '-individual_convolution'}
+
+
+def cpu_xla_flags(threads: int) -> tuple[str, ...]:
+  """bigjax's XLA:CPU flags for a process that XLA runs on `threads` cores."""
+  return ('--xla_cpu_experimental_ynn_fusion_type='
+          + _YNN_FUSION_TYPES[min(max(threads, 1), 2)],)
+
+
+def cpu_threads() -> int:
+  """The cores this process may run on: the size of XLA:CPU's pool."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS has no affinity masks.
+    return os.cpu_count() or 1
+
+
+# The flags set_cpu_xla_flags put into $XLA_FLAGS itself (not the user's),
+# which a later call may replace.
+_OURS: list[str] = []
 
 
 # glibc malloc's options (mallopt(3) numbers) that keep freed memory in the
@@ -48,17 +75,24 @@ _MALLOC_ENVIRONMENT = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_',
                        'GLIBC_TUNABLES', 'LD_PRELOAD')
 
 
-def set_cpu_xla_flags() -> None:
-  """Adds CPU_XLA_FLAGS to $XLA_FLAGS unless the user already set them, and
-  keeps freed host memory in the process (`keep_freed_memory`).
+def set_cpu_xla_flags(threads: int | None = None) -> None:
+  """Adds `cpu_xla_flags` to $XLA_FLAGS unless the user already set them,
+  and keeps freed host memory in the process (`keep_freed_memory`).
 
+  threads: the cores XLA will use; by default the ones this process may run
+  on now. XLA reads $XLA_FLAGS when its backend starts, so a program that
+  pins itself to fewer cores afterwards (benchmarks.run --threads) calls
+  this again, before touching a device, to replace the flags chosen here.
   The flags only touch XLA:CPU, so they are harmless on GPU/TPU hosts.
   """
-  flags = os.environ.get('XLA_FLAGS', '')
-  for flag in CPU_XLA_FLAGS:
-    if flag.split('=')[0] not in flags:
-      flags = f'{flags} {flag}'.strip()
-  os.environ['XLA_FLAGS'] = flags
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if f not in _OURS]
+  _OURS.clear()
+  for flag in cpu_xla_flags(threads or cpu_threads()):
+    if not any(f.split('=')[0] == flag.split('=')[0] for f in flags):
+      flags.append(flag)
+      _OURS.append(flag)
+  os.environ['XLA_FLAGS'] = ' '.join(flags)
   keep_freed_memory()
 
 

@@ -65,3 +65,39 @@ def test_opting_out_leaves_glibc_defaults():
   assert faults > 100, faults
   applied, _ = _run({'MALLOC_ARENA_MAX': '2'})
   assert not applied  # The user's own malloc settings win.
+
+
+# Prints $XLA_FLAGS after set_cpu_xla_flags for one core, then for two (as
+# benchmarks.run does after pinning itself), in a fresh process: the flags
+# are process-wide.
+_FLAGS = r'''
+import os
+from bigjax import platform
+platform.set_cpu_xla_flags(threads=1)
+print(os.environ['XLA_FLAGS'])
+platform.set_cpu_xla_flags(threads=2)
+print(os.environ['XLA_FLAGS'])
+'''
+
+
+def _flags_after(xla_flags):
+  env = {**os.environ, 'XLA_FLAGS': xla_flags}
+  return subprocess.run([sys.executable, '-c', _FLAGS], env=env,
+                        capture_output=True, text=True,
+                        check=True).stdout.splitlines()
+
+
+def test_dot_library_follows_the_thread_count():
+  one, two = _flags_after('--xla_force_host_platform_device_count=2')
+  ynn = '--xla_cpu_experimental_ynn_fusion_type='
+  # One core: XLA's own matmuls; more: YNNPACK's. Convolutions never go to
+  # YNNPACK; the user's other flags stay, and a second call replaces ours.
+  assert one.split() == ['--xla_force_host_platform_device_count=2',
+                         ynn + '-individual_dot,-individual_convolution']
+  assert two.split() == ['--xla_force_host_platform_device_count=2',
+                         ynn + '-individual_convolution']
+
+
+def test_users_dot_library_wins():
+  mine = '--xla_cpu_experimental_ynn_fusion_type=-reduce'
+  assert _flags_after(mine) == [mine, mine]
