@@ -37,10 +37,11 @@ frameworks' steps are timed in alternating rounds of --round_steps (each
 round after one untimed step), so load from other jobs falls on both alike,
 with the same number of threads; the table gives the JAX/PyTorch throughput
 ratio (> 1: JAX is faster). Each --jax_variant adds the same JAX step
-compiled with other XLA options to the rotation, e.g. YNNPACK's matmuls,
-which bigjax's CPU flags turn off:
+compiled with other XLA options to the rotation, e.g. YNNPACK's matmuls
+(with its reductions), which bigjax's CPU flags use on two or more threads
+and turn off on one (`bigjax.platform`):
 
-  --jax_variant=ynn_dots:xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
+  --jax_variant=ynn_dots:xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
 
 Both frameworks run in this one process under bigjax's process settings
 (`bigjax.platform`: XLA:CPU flags, and glibc malloc keeping freed memory,
@@ -99,8 +100,8 @@ _THREADS = flags.DEFINE_integer(
 _JAX_VARIANT = flags.DEFINE_multi_string(
     'jax_variant', [], 'NAME:OPTION=VALUE[;OPTION=VALUE]: also time the step '
     'compiled with these XLA options, interleaved with the others (a fair '
-    'A/B of XLA flags on a busy machine), e.g. dots_on_ynn:'
-    'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
+    'A/B of XLA flags on a busy machine), e.g. eigen_dots:'
+    'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time the PyTorch references '
                            '(when torch is importable).')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False,
